@@ -1,0 +1,72 @@
+"""Config keys of solo_d2: one function, :func:`add_solo_config`, adds them to a Detectron2 cfg.
+
+Defaults follow the reference SOLO R-50-FPN on COCO (``../shared/SOLO_SPEC.md``). Nothing here edits
+Detectron2's global defaults: call ``add_solo_config(cfg)`` on a cfg from ``get_cfg()``.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_solo_config(cfg):
+    """Add the ``MODEL.SOLO`` section (and solo_d2's few other keys) to ``cfg`` in place.
+
+    Safe to call twice: an existing ``MODEL.SOLO`` section is left as it is.
+    """
+    if "SOLO" in cfg.MODEL:
+        return cfg
+    _C = cfg
+    _C.MODEL.SOLO = CN()
+    # Number of object categories, without background (labels are 0..NUM_CLASSES-1).
+    _C.MODEL.SOLO.NUM_CLASSES = 80
+    # Backbone features the head sees, finest first. P2 is resized x0.5 and the last one is
+    # resized to the size of the one before it, so the effective strides are [8, 8, 16, 32, 32].
+    _C.MODEL.SOLO.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # Grid number S per level (one per IN_FEATURES entry).
+    _C.MODEL.SOLO.NUM_GRIDS = [40, 36, 24, 16, 12]
+    # Object scale range per level, on sqrt(w*h) of the GT box in input pixels, inclusive and
+    # overlapping (one object may be positive on two levels). One (lo, hi) pair per level.
+    _C.MODEL.SOLO.SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]
+    # Centre-region factor: a GT is positive in the cells covered by centre +- 0.5 * SIGMA * (w, h),
+    # clipped to one cell around the centre cell (1 to 9 positive cells per level).
+    _C.MODEL.SOLO.SIGMA = 0.2
+
+    # Head. HEAD_TYPE "SOLOHead" (S^2 mask channels) or "DecoupledSOLOHead" (S + S channels).
+    _C.MODEL.SOLO.HEAD_TYPE = "SOLOHead"
+    # Channels of every conv in both towers.
+    _C.MODEL.SOLO.CONV_CHANNELS = 256
+    # Number of stacked 3x3 convs in each of the category and mask towers.
+    _C.MODEL.SOLO.NUM_STACKED_CONVS = 7
+    # Normalisation in the towers: "GN" (32 groups), "" for none, or any detectron2 get_norm name.
+    _C.MODEL.SOLO.NORM = "GN"
+    # Use deformable 3x3 convs (torchvision.ops.deform_conv2d) in the towers instead of plain convs.
+    _C.MODEL.SOLO.USE_DEFORMABLE = False
+    # Prior probability used to initialise the biases of the final category and mask convs.
+    _C.MODEL.SOLO.PRIOR_PROB = 0.01
+
+    # Losses: L = LOSS_CATE_WEIGHT * focal + LOSS_MASK_WEIGHT * dice.
+    _C.MODEL.SOLO.LOSS_CATE_WEIGHT = 1.0
+    _C.MODEL.SOLO.LOSS_MASK_WEIGHT = 3.0
+    # Sigmoid focal loss alpha and gamma (category branch).
+    _C.MODEL.SOLO.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.SOLO.FOCAL_LOSS_GAMMA = 2.0
+
+    # Inference.
+    # Category score threshold for candidate cells (after point NMS).
+    _C.MODEL.SOLO.SCORE_THRESH_TEST = 0.1
+    # Threshold that binarises soft masks (for area, maskness, Matrix NMS and the output masks).
+    _C.MODEL.SOLO.MASK_THRESH_TEST = 0.5
+    # Keep at most this many candidates (by category score) before forming their masks.
+    _C.MODEL.SOLO.NMS_PRE = 500
+    # Matrix NMS kernel: "gaussian" or "linear".
+    _C.MODEL.SOLO.NMS_KERNEL = "gaussian"
+    # Sigma of the gaussian Matrix NMS kernel.
+    _C.MODEL.SOLO.NMS_SIGMA = 2.0
+    # Drop detections whose score after Matrix NMS decay is below this.
+    _C.MODEL.SOLO.UPDATE_THRESH_TEST = 0.05
+    # Maximum number of detections per image.
+    _C.MODEL.SOLO.MAX_PER_IMAGE = 100
+
+    # Gradient clipping on the L2 norm of *all* parameters together (the reference clips the
+    # whole model at 35). Detectron2's own SOLVER.CLIP_GRADIENTS clips each parameter separately;
+    # solo_d2's Trainer reads this key instead. 0 disables it.
+    _C.SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM = 0.0
+    return cfg

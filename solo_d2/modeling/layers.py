@@ -1,0 +1,75 @@
+"""Small building blocks shared by the SOLO heads and postprocessing."""
+import math
+
+import torch
+from torch import nn
+from torchvision.ops import deform_conv2d
+
+__all__ = ["coord_features", "DeformConv3x3", "masks_to_boxes"]
+
+
+def coord_features(x: torch.Tensor) -> torch.Tensor:
+    """CoordConv input: append normalised x and y coordinates to a feature map.
+
+    Args:
+        x: (N, C, H, W) float tensor.
+    Returns:
+        (N, C + 2, H, W): ``x`` followed by the x coordinate (varies along W) and the y coordinate
+        (varies along H), both spanning [-1, 1] from the first to the last pixel.
+    """
+    n, _, h, w = x.shape
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    coords = torch.stack([xx, yy]).expand(n, 2, h, w)
+    return torch.cat([x, coords], dim=1)
+
+
+class DeformConv3x3(nn.Module):
+    """A 3x3 deformable convolution (DCN v1) built on ``torchvision.ops.deform_conv2d``.
+
+    Detectron2's compiled ``DeformConv`` is unavailable in the pure-Python detectron2 build, so
+    the towers use torchvision's op, which runs on CPU and GPU. The offsets come from a 3x3 conv
+    initialised to zero, so at initialisation the layer equals a plain 3x3 conv.
+
+    Input (N, in_channels, H, W) float; output (N, out_channels, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.conv_offset = nn.Conv2d(in_channels, 2 * 3 * 3, kernel_size=3, padding=1)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offset = self.conv_offset(x)
+        return deform_conv2d(x, offset, self.weight, self.bias, padding=(1, 1))
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight boxes around boolean masks, vectorised (no per-mask loop).
+
+    Same convention as Detectron2's ``BitMasks.get_bounding_boxes``: (x0, y0, x1, y1) with
+    x1 = last foreground column + 1; an empty mask gets an all-zero box.
+
+    Args:
+        masks: (N, H, W) bool tensor.
+    Returns:
+        (N, 4) float32 tensor on the masks' device.
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
+    cols = masks.any(dim=1)  # (N, W)
+    rows = masks.any(dim=2)  # (N, H)
+    xs = torch.arange(w, device=masks.device)
+    ys = torch.arange(h, device=masks.device)
+    x0 = torch.where(cols, xs, w).amin(dim=1)
+    x1 = torch.where(cols, xs, -1).amax(dim=1) + 1
+    y0 = torch.where(rows, ys, h).amin(dim=1)
+    y1 = torch.where(rows, ys, -1).amax(dim=1) + 1
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).to(torch.float32)
+    return boxes * cols.any(dim=1, keepdim=True)

@@ -1,0 +1,258 @@
+"""The SOLO meta-architecture: backbone -> SOLO head -> (grid targets + losses | postprocessing)."""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import ImageList, Instances
+from torch import nn
+
+from .heads import build_solo_head
+from .losses import category_loss, mask_loss
+from .postprocessing import SOLOPostProcessor
+from .targets import SOLOTargetGenerator
+
+__all__ = ["SOLO"]
+
+
+@META_ARCH_REGISTRY.register()
+class SOLO(nn.Module):
+    """SOLO / Decoupled SOLO (the head decides) as a Detectron2 meta-architecture.
+
+    Input: Detectron2's ``list[dict]``, one dict per image:
+
+    - ``"image"``: (3, H, W) uint8 or float tensor in ``MODEL.INPUT.FORMAT`` channel order;
+    - ``"instances"`` (training): ``Instances`` with ``gt_classes`` (int64, 0..C-1) and
+      ``gt_masks`` (``BitMasks`` or ``PolygonMasks``); ``gt_boxes`` used when present;
+    - ``"height"``, ``"width"`` (inference, optional): requested output size; default: the
+      image's own size.
+
+    Output:
+
+    - training: ``{"loss_cate": scalar, "loss_mask": scalar}`` (already weighted);
+    - inference: one ``{"instances": Instances}`` per image, of size (height, width), with
+      ``pred_masks`` (R, height, width) bool, ``scores`` (R,) float32, ``pred_classes`` (R,) int64
+      and ``pred_boxes`` (``Boxes``, (R, 4) float32, derived from the masks). R may be 0.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: nn.Module,
+        in_features: Sequence[str],
+        scale_ranges: Sequence[Sequence[float]],
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        sigma: float = 0.2,
+        loss_cate_weight: float = 1.0,
+        loss_mask_weight: float = 3.0,
+        focal_loss_alpha: float = 0.25,
+        focal_loss_gamma: float = 2.0,
+        score_thresh: float = 0.1,
+        mask_thresh: float = 0.5,
+        nms_pre: int = 500,
+        nms_kernel: str = "gaussian",
+        nms_sigma: float = 2.0,
+        update_thresh: float = 0.05,
+        max_per_image: int = 100,
+    ):
+        """
+        Args:
+            backbone: a Detectron2 backbone whose outputs include ``in_features``.
+            head: a SOLO head (:class:`SOLOHead` contract) with ``num_classes`` and ``num_grids``.
+            in_features: backbone features fed to the head, finest first.
+            scale_ranges: (lo, hi) per level, see ``MODEL.SOLO.SCALE_RANGES``.
+            pixel_mean, pixel_std: per-channel normalisation of the input image.
+            Others: see :mod:`solo_d2.config`.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.in_features = list(in_features)
+        self.num_classes = head.num_classes
+        num_grids = head.num_grids
+        _check_lengths(self.in_features, num_grids, scale_ranges)
+        shapes = backbone.output_shape()
+        missing = [f for f in self.in_features if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.SOLO.IN_FEATURES {missing} are not backbone outputs {sorted(shapes)}"
+            )
+        self.targets = SOLOTargetGenerator(self.num_classes, num_grids, scale_ranges, sigma)
+        self.postprocess = SOLOPostProcessor(
+            self.num_classes,
+            num_grids,
+            strides=_cate_strides([shapes[f].stride for f in self.in_features]),
+            score_thresh=score_thresh,
+            mask_thresh=mask_thresh,
+            nms_pre=nms_pre,
+            nms_kernel=nms_kernel,
+            nms_sigma=nms_sigma,
+            update_thresh=update_thresh,
+            max_per_image=max_per_image,
+        )
+        self.loss_cate_weight = loss_cate_weight
+        self.loss_mask_weight = loss_mask_weight
+        self.focal_loss_alpha = focal_loss_alpha
+        self.focal_loss_gamma = focal_loss_gamma
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        sc = cfg.MODEL.SOLO
+        _check_lengths(sc.IN_FEATURES, sc.NUM_GRIDS, sc.SCALE_RANGES)
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        missing = [f for f in sc.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.SOLO.IN_FEATURES {missing} are not outputs of MODEL.BACKBONE.NAME = "
+                f"{cfg.MODEL.BACKBONE.NAME!r} (it has {sorted(shapes)})"
+            )
+        head = build_solo_head(cfg, [shapes[f] for f in sc.IN_FEATURES])
+        return {
+            "backbone": backbone,
+            "head": head,
+            "in_features": sc.IN_FEATURES,
+            "scale_ranges": sc.SCALE_RANGES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "sigma": sc.SIGMA,
+            "loss_cate_weight": sc.LOSS_CATE_WEIGHT,
+            "loss_mask_weight": sc.LOSS_MASK_WEIGHT,
+            "focal_loss_alpha": sc.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": sc.FOCAL_LOSS_GAMMA,
+            "score_thresh": sc.SCORE_THRESH_TEST,
+            "mask_thresh": sc.MASK_THRESH_TEST,
+            "nms_pre": sc.NMS_PRE,
+            "nms_kernel": sc.NMS_KERNEL,
+            "nms_sigma": sc.NMS_SIGMA,
+            "update_thresh": sc.UPDATE_THRESH_TEST,
+            "max_per_image": sc.MAX_PER_IMAGE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        cate_logits, mask_feats = self.head([features[f] for f in self.in_features])
+        if self.training:
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            return self.losses(cate_logits, mask_feats, gt_instances, images.tensor.shape[-2:])
+        return self.inference_from_outputs(cate_logits, mask_feats, images, batched_inputs)
+
+    def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
+        """Normalise, pad (to the backbone's size divisibility) and batch the images."""
+        images = []
+        for i, x in enumerate(batched_inputs):
+            img = x["image"]
+            if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
+                shape = tuple(img.shape) if hasattr(img, "shape") else type(img).__name__
+                raise ValueError(f"batched_inputs[{i}]['image'] must be a (3, H, W) tensor, got {shape}")
+            if img.shape[1] == 0 or img.shape[2] == 0:
+                raise ValueError(f"batched_inputs[{i}]['image'] is empty: shape {tuple(img.shape)}")
+            images.append((img.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(
+            images,
+            self.backbone.size_divisibility,
+            padding_constraints=self.backbone.padding_constraints,
+        )
+
+    def losses(
+        self,
+        cate_logits: List[torch.Tensor],
+        mask_feats: List[torch.Tensor],
+        gt_instances: List[Instances],
+        canvas_size: Tuple[int, int],
+    ) -> Dict[str, torch.Tensor]:
+        targets = self.targets(gt_instances, tuple(canvas_size), [m.shape[-2:] for m in mask_feats])
+        loss_cate = category_loss(
+            cate_logits,
+            [t.labels for t in targets],
+            self.num_classes,
+            self.focal_loss_alpha,
+            self.focal_loss_gamma,
+        )
+        pos_probs = [
+            self.head.mask_probs(feat, level, t.pos_img, t.pos_cell)
+            for level, (feat, t) in enumerate(zip(mask_feats, targets))
+        ]
+        loss_mask = mask_loss(pos_probs, [t.pos_masks() for t in targets])
+        # Keep every mask parameter in the graph even where a level (or the whole batch) has no
+        # positive cell: DDP runs without find_unused_parameters. The added term is exactly 0.
+        loss_mask = loss_mask + 0.0 * (
+            sum(f.sum() for f in mask_feats) + sum(p.sum() for p in self.head.mask_output_parameters())
+        )
+        return {
+            "loss_cate": self.loss_cate_weight * loss_cate,
+            "loss_mask": self.loss_mask_weight * loss_mask,
+        }
+
+    def inference_from_outputs(
+        self,
+        cate_logits: List[torch.Tensor],
+        mask_feats: List[torch.Tensor],
+        images: ImageList,
+        batched_inputs: List[Dict[str, torch.Tensor]],
+    ) -> List[Dict[str, Instances]]:
+        results = []
+        padded = tuple(images.tensor.shape[-2:])
+        mask_size = tuple(mask_feats[0].shape[-2:])
+        for b, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            output_size = (int(x.get("height", image_size[0])), int(x.get("width", image_size[1])))
+
+            def mask_fn(level, cells, b=b):
+                img = torch.full_like(cells, b)
+                return self.head.mask_probs(mask_feats[level], level, img, cells)
+
+            instances = self.postprocess(
+                [c[b] for c in cate_logits], mask_fn, mask_size, padded, image_size, output_size
+            )
+            results.append({"instances": instances})
+        return results
+
+
+def _check_lengths(in_features, num_grids, scale_ranges):
+    n = len(in_features)
+    for key, value in (("NUM_GRIDS", num_grids), ("SCALE_RANGES", scale_ranges)):
+        if len(value) != n:
+            raise ValueError(
+                f"MODEL.SOLO.{key} has {len(value)} entries but MODEL.SOLO.IN_FEATURES has {n} "
+                f"({list(in_features)}): give one per level"
+            )
+    for r in scale_ranges:
+        if len(r) != 2 or r[0] > r[1]:
+            raise ValueError(f"MODEL.SOLO.SCALE_RANGES entries must be [lo, hi] with lo <= hi, got {r}")
+    if any(int(s) <= 0 for s in num_grids):
+        raise ValueError(f"MODEL.SOLO.NUM_GRIDS must be positive, got {list(num_grids)}")
+
+
+def check_num_classes(cfg, dataset_names):
+    """Raise if ``MODEL.SOLO.NUM_CLASSES`` differs from the number of ``thing_classes`` of one
+    of ``dataset_names`` (datasets whose classes are not known yet are skipped)."""
+    n = cfg.MODEL.SOLO.NUM_CLASSES
+    for name in dataset_names:
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is not None and len(classes) != n:
+            raise ValueError(
+                f"MODEL.SOLO.NUM_CLASSES = {n} but dataset {name!r} has {len(classes)} classes "
+                f"({list(classes)[:5]}{'...' if len(classes) > 5 else ''}); set "
+                f"MODEL.SOLO.NUM_CLASSES {len(classes)}"
+            )
+
+
+def _cate_strides(feature_strides: List[int]) -> List[int]:
+    """Strides after the head's resizing: the first level takes the second's stride and the
+    last the one before it ([4, 8, 16, 32, 64] -> [8, 8, 16, 32, 32])."""
+    s = list(feature_strides)
+    if len(s) > 1:
+        s[0], s[-1] = s[1], s[-2]
+    return s

@@ -1,0 +1,195 @@
+"""SOLO inference: from category grids and mask features to Detectron2 ``Instances``.
+
+Per image: point NMS on the category grids, score threshold, top-``nms_pre`` candidates, their
+masks only (never all S^2), area filter, maskness rescoring, Matrix NMS, top ``max_per_image``,
+then the kept soft masks are upsampled to the padded input, cropped to the image, resized to the
+requested output size and thresholded. Boxes are derived from the final masks.
+"""
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.structures import Boxes, Instances
+
+from .layers import masks_to_boxes
+
+__all__ = ["point_nms", "matrix_nms", "SOLOPostProcessor"]
+
+
+def point_nms(probs: torch.Tensor, kernel: int = 2) -> torch.Tensor:
+    """Keep a cell's score only where it is the max of its 2x2 neighbourhood (others -> 0).
+
+    Args:
+        probs: (..., C, S, S) category probabilities.
+    Returns:
+        tensor of the same shape.
+    """
+    hmax = F.max_pool2d(probs, (kernel, kernel), stride=1, padding=1)
+    keep = hmax[..., :-1, :-1] == probs
+    return probs * keep
+
+
+def matrix_nms(
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+) -> torch.Tensor:
+    """Matrix NMS (SOLOv2): decay each mask's score by its overlap with higher-scored masks.
+
+    Args:
+        masks: (K, H, W) bool, sorted by descending ``scores``.
+        labels: (K,) int64 classes (only masks of the same class decay each other).
+        scores: (K,) float, descending.
+        kernel: "gaussian" (exp(-sigma * iou^2) / exp(-sigma * comp^2)) or "linear"
+            ((1 - iou) / (1 - comp)).
+    Returns:
+        (K,) float: the decayed scores.
+    """
+    k = masks.shape[0]
+    if k == 0:
+        return scores
+    flat = masks.reshape(k, -1).to(scores.dtype)
+    inter = flat @ flat.t()
+    area = flat.sum(1)
+    union = area[:, None] + area[None, :] - inter
+    iou = (inter / union.clamp(min=1)).triu(diagonal=1)  # iou[i, j]: i scored above j
+    same = (labels[:, None] == labels[None, :]).triu(diagonal=1)
+    decay_iou = iou * same
+    # How much each higher-scored mask i was itself suppressed: max IoU with masks above it.
+    comp = decay_iou.max(dim=0).values[:, None].expand(k, k)
+    if kernel == "gaussian":
+        decay = torch.exp(-sigma * (decay_iou**2 - comp**2))
+    elif kernel == "linear":
+        decay = (1 - decay_iou) / (1 - comp).clamp(min=1e-6)
+    else:
+        raise ValueError(f"MODEL.SOLO.NMS_KERNEL must be 'gaussian' or 'linear', got {kernel!r}")
+    return scores * decay.min(dim=0).values
+
+
+class SOLOPostProcessor:
+    """Turns one image's head outputs into ``Instances``.
+
+    Args:
+        num_classes: C.
+        num_grids: S per level.
+        strides: category stride per level; a candidate mask (at the finest mask resolution)
+            with area <= its level's stride is dropped. Reference: [8, 8, 16, 32, 32].
+        score_thresh, mask_thresh, nms_pre, nms_kernel, nms_sigma, update_thresh,
+        max_per_image: see ``MODEL.SOLO.*_TEST`` in :mod:`solo_d2.config`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_grids: Sequence[int],
+        strides: Sequence[int],
+        score_thresh: float = 0.1,
+        mask_thresh: float = 0.5,
+        nms_pre: int = 500,
+        nms_kernel: str = "gaussian",
+        nms_sigma: float = 2.0,
+        update_thresh: float = 0.05,
+        max_per_image: int = 100,
+    ):
+        if nms_kernel not in ("gaussian", "linear"):
+            raise ValueError(
+                f"MODEL.SOLO.NMS_KERNEL must be 'gaussian' or 'linear', got {nms_kernel!r}"
+            )
+        self.num_classes = num_classes
+        self.num_grids = list(num_grids)
+        self.strides = list(strides)
+        self.score_thresh = score_thresh
+        self.mask_thresh = mask_thresh
+        self.nms_pre = nms_pre
+        self.nms_kernel = nms_kernel
+        self.nms_sigma = nms_sigma
+        self.update_thresh = update_thresh
+        self.max_per_image = max_per_image
+
+    def __call__(
+        self,
+        cate_logits: List[torch.Tensor],
+        mask_fn: Callable[[int, torch.Tensor], torch.Tensor],
+        mask_size: Tuple[int, int],
+        padded_size: Tuple[int, int],
+        image_size: Tuple[int, int],
+        output_size: Tuple[int, int],
+    ) -> Instances:
+        """
+        Args:
+            cate_logits: per level (C, S_l, S_l) category logits of this image.
+            mask_fn: ``mask_fn(level, cells)`` -> (K, H_l, W_l) soft masks of those cells
+                (cells: (K,) int64, k = i * S + j).
+            mask_size: (H_0, W_0), the finest mask resolution (stride 4); candidates of all
+                levels are compared at this size.
+            padded_size: (Hp, Wp) of the padded input tensor.
+            image_size: (h, w) of this image inside the padded tensor.
+            output_size: (height, width) requested for the output.
+        Returns:
+            Instances of ``output_size`` with ``pred_masks`` (R, height, width) bool,
+            ``scores`` (R,) float32, ``pred_classes`` (R,) int64, ``pred_boxes`` Boxes (R, 4).
+        """
+        device = cate_logits[0].device
+        c = self.num_classes
+        probs = [point_nms(x.sigmoid()).permute(1, 2, 0).reshape(-1, c) for x in cate_logits]
+        level_of = torch.cat(
+            [torch.full((p.shape[0],), i, device=device) for i, p in enumerate(probs)]
+        )
+        cell_of = torch.cat([torch.arange(p.shape[0], device=device) for p in probs])
+        probs = torch.cat(probs)
+
+        # Candidates: (cell, class) pairs above the threshold, at most nms_pre of them.
+        row, cls = (probs > self.score_thresh).nonzero(as_tuple=True)
+        scores = probs[row, cls]
+        if scores.numel() > self.nms_pre:
+            scores, top = scores.topk(self.nms_pre)
+            row, cls = row[top], cls[top]
+        levels, cells = level_of[row], cell_of[row]
+
+        # Their soft masks, at the finest mask resolution, in candidate order.
+        soft = scores.new_zeros((scores.numel(), *mask_size))
+        for level in torch.unique(levels).tolist():
+            sel = (levels == level).nonzero().squeeze(1)
+            m = mask_fn(level, cells[sel])
+            if m.shape[-2:] != tuple(mask_size):
+                m = F.interpolate(m[:, None], size=mask_size, mode="bilinear")[:, 0]
+            soft[sel] = m
+        binary = soft > self.mask_thresh
+        area = binary.sum(dim=(1, 2)).to(scores.dtype)
+        strides = torch.as_tensor(self.strides, device=device, dtype=scores.dtype)[levels]
+        keep = area > strides
+        soft, binary, area, scores, cls = soft[keep], binary[keep], area[keep], scores[keep], cls[keep]
+        maskness = (soft * binary).sum(dim=(1, 2)) / area
+        scores = scores * maskness
+
+        order = scores.argsort(descending=True)
+        soft, binary, scores, cls = soft[order], binary[order], scores[order], cls[order]
+        scores = matrix_nms(binary, cls, scores, self.nms_kernel, self.nms_sigma)
+        keep = scores >= self.update_thresh
+        soft, scores, cls = soft[keep], scores[keep], cls[keep]
+        scores, order = scores.sort(descending=True)
+        scores, order = scores[: self.max_per_image], order[: self.max_per_image]
+        soft, cls = soft[order], cls[order]
+
+        masks = self.paste_masks(soft, padded_size, image_size, output_size)
+        result = Instances(tuple(output_size))
+        result.pred_masks = masks
+        result.scores = scores.float()
+        result.pred_classes = cls.long()
+        result.pred_boxes = Boxes(masks_to_boxes(masks))
+        return result
+
+    def paste_masks(self, soft, padded_size, image_size, output_size, chunk: int = 16):
+        """(R, H0, W0) soft masks -> (R, height, width) bool: upsample to the padded input,
+        crop to the image, resize to the output size, threshold. Chunked to bound memory."""
+        h, w = image_size
+        out = torch.zeros((soft.shape[0], *output_size), dtype=torch.bool, device=soft.device)
+        for start in range(0, soft.shape[0], chunk):
+            m = soft[start : start + chunk, None]
+            m = F.interpolate(m, size=tuple(padded_size), mode="bilinear")[:, :, :h, :w]
+            if (h, w) != tuple(output_size):
+                m = F.interpolate(m, size=tuple(output_size), mode="bilinear")
+            out[start : start + chunk] = m[:, 0] > self.mask_thresh
+        return out

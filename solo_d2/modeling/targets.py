@@ -1,0 +1,232 @@
+"""SOLO grid targets: which cell of which level must predict which instance.
+
+For each GT instance (on the padded canvas of the batch):
+
+- scale = sqrt(w * h) of its box; it is assigned to every level whose inclusive scale range
+  contains the scale (ranges overlap, so one object may be positive on two levels);
+- centre = mass centre of its mask (pixel-index coordinates, full input resolution);
+  centre cell = floor(centre / canvas_size * S);
+- positive cells = the cells covered by centre +- 0.5 * sigma * (box w, box h), clipped to one
+  cell around the centre cell (1 to 9 cells);
+- mask target = the mask resized (bilinear, then >= 0.5) from the padded canvas to the level's
+  mask resolution;
+- when two instances of one image claim the same cell, the later one in annotation order wins
+  (reference behaviour); zero-area masks are never positive.
+
+Everything is vectorised over the instances of the whole batch; the only Python loops run over
+images (to paste masks onto the canvas) and over levels.
+"""
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.structures import BitMasks, Instances, PolygonMasks
+
+__all__ = ["LevelTargets", "SOLOTargetGenerator"]
+
+
+@dataclass
+class LevelTargets:
+    """Targets of one level for a batch of N images, grid S, mask resolution (H, W).
+
+    Attributes:
+        labels: (N, S, S) int64; the class 0..C-1 of the instance owning each cell, C for none.
+        pos_img: (K,) int64; image index of each positive cell, sorted by (image, cell).
+        pos_cell: (K,) int64; cell index k = i * S + j of each positive cell.
+        pos_inst: (K,) int64; row of ``masks`` holding that cell's mask target.
+        masks: (U, H, W) bool; mask targets of the U instances positive on this level.
+    """
+
+    labels: torch.Tensor
+    pos_img: torch.Tensor
+    pos_cell: torch.Tensor
+    pos_inst: torch.Tensor
+    masks: torch.Tensor
+
+    @property
+    def num_pos(self) -> int:
+        return self.pos_cell.numel()
+
+    def pos_masks(self) -> torch.Tensor:
+        """(K, H, W) bool: the mask target of every positive cell."""
+        return self.masks[self.pos_inst]
+
+
+def _gt_bitmasks(inst: Instances, canvas: Tuple[int, int]) -> torch.Tensor:
+    """(I, Hc, Wc) bool masks of one image's instances, pasted top-left on the padded canvas."""
+    gt = inst.gt_masks
+    h, w = inst.image_size
+    if isinstance(gt, PolygonMasks):
+        gt = BitMasks.from_polygon_masks(gt, h, w).tensor
+    elif isinstance(gt, BitMasks):
+        gt = gt.tensor
+    if gt.dim() != 3:
+        raise ValueError(f"gt_masks must be (I, H, W), got shape {tuple(gt.shape)}")
+    out = torch.zeros((gt.shape[0], *canvas), dtype=torch.bool, device=gt.device)
+    mh, mw = min(gt.shape[1], canvas[0]), min(gt.shape[2], canvas[1])
+    out[:, :mh, :mw] = gt[:, :mh, :mw].bool()
+    return out
+
+
+class SOLOTargetGenerator:
+    """Builds :class:`LevelTargets` for every level from a batch's GT instances."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_grids: Sequence[int],
+        scale_ranges: Sequence[Sequence[float]],
+        sigma: float = 0.2,
+    ):
+        if len(num_grids) != len(scale_ranges):
+            raise ValueError(
+                f"MODEL.SOLO.NUM_GRIDS has {len(num_grids)} entries but MODEL.SOLO.SCALE_RANGES "
+                f"has {len(scale_ranges)}"
+            )
+        self.num_classes = num_classes
+        self.num_grids = list(num_grids)
+        self.scale_ranges = [tuple(float(v) for v in r) for r in scale_ranges]
+        self.sigma = sigma
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        gt_instances: List[Instances],
+        canvas_size: Tuple[int, int],
+        mask_sizes: List[Tuple[int, int]],
+    ) -> List[LevelTargets]:
+        """
+        Args:
+            gt_instances: N per-image Instances with ``gt_classes`` (int64, 0..C-1), ``gt_masks``
+                (BitMasks or PolygonMasks, image size) and optionally ``gt_boxes`` (XYXY, input
+                pixels; derived from the masks when absent).
+            canvas_size: (Hc, Wc) of the padded batch tensor.
+            mask_sizes: (H_l, W_l) of each level's mask prediction.
+        Returns:
+            One :class:`LevelTargets` per level.
+        """
+        if len(mask_sizes) != len(self.num_grids):
+            raise ValueError(f"got {len(mask_sizes)} mask sizes for {len(self.num_grids)} levels")
+        device = gt_instances[0].gt_classes.device if gt_instances else torch.device("cpu")
+        num_images = len(gt_instances)
+        hc, wc = canvas_size
+
+        # ---- all instances of the batch, in annotation order within each image ----
+        masks, classes, boxes, img_of = [], [], [], []
+        for b, inst in enumerate(gt_instances):
+            if len(inst) == 0:
+                continue
+            masks.append(_gt_bitmasks(inst, canvas_size))
+            classes.append(inst.gt_classes.to(torch.int64))
+            boxes.append(inst.gt_boxes.tensor if inst.has("gt_boxes") else None)
+            img_of.append(torch.full((len(inst),), b, dtype=torch.int64, device=device))
+        if masks:
+            masks = torch.cat(masks)
+            classes = torch.cat(classes)
+            img_of = torch.cat(img_of)
+        else:
+            masks = torch.zeros((0, hc, wc), dtype=torch.bool, device=device)
+            classes = torch.zeros(0, dtype=torch.int64, device=device)
+            img_of = torch.zeros(0, dtype=torch.int64, device=device)
+        bad = classes[(classes < 0) | (classes >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"GT class id {int(bad[0])} is outside 0..{self.num_classes - 1}: "
+                f"MODEL.SOLO.NUM_CLASSES = {self.num_classes} disagrees with the dataset"
+            )
+
+        # ---- per-instance geometry: area, mass centre, box size ----
+        rows = masks.any(dim=2)
+        cols = masks.any(dim=1)
+        area = masks.sum(dim=(1, 2)).to(torch.float32)
+        # float64: index sums of large masks exceed float32's exact range.
+        ys = torch.arange(hc, device=device, dtype=torch.float64)
+        xs = torch.arange(wc, device=device, dtype=torch.float64)
+        denom = area.to(torch.float64).clamp(min=1)
+        cy = ((masks.sum(dim=2).to(torch.float64) @ ys) / denom).to(torch.float32)
+        cx = ((masks.sum(dim=1).to(torch.float64) @ xs) / denom).to(torch.float32)
+        if boxes and all(b is not None for b in boxes):
+            box = torch.cat(boxes).to(torch.float32)
+            bw, bh = box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]
+        else:  # from the masks, Detectron2's convention (x1 = last column + 1)
+            bw = _extent(cols)
+            bh = _extent(rows)
+        scale = (bw * bh).clamp(min=0).sqrt()
+        valid = area > 0
+
+        targets = []
+        for level, (s, (lo, hi), (mh, mw)) in enumerate(
+            zip(self.num_grids, self.scale_ranges, mask_sizes)
+        ):
+            on_level = valid & (scale >= lo) & (scale <= hi)
+            targets.append(
+                self._level_targets(
+                    s, (mh, mw), on_level, masks, classes, img_of, cx, cy, bw, bh, num_images
+                )
+            )
+        return targets
+
+    def _level_targets(self, s, mask_size, on_level, masks, classes, img_of, cx, cy, bw, bh, n):
+        device = masks.device
+        hc, wc = masks.shape[-2:]
+        idx = on_level.nonzero().squeeze(1)  # instances of this level, in annotation order
+        # Centre cell and centre region (in cells), clipped to one cell around the centre.
+        ci = (cy[idx] * s / hc).floor().long().clamp(0, s - 1)
+        cj = (cx[idx] * s / wc).floor().long().clamp(0, s - 1)
+        half_h = 0.5 * self.sigma * bh[idx]
+        half_w = 0.5 * self.sigma * bw[idx]
+        top = ((cy[idx] - half_h) * s / hc).floor().long().clamp(min=0)
+        down = ((cy[idx] + half_h) * s / hc).floor().long().clamp(max=s - 1)
+        left = ((cx[idx] - half_w) * s / wc).floor().long().clamp(min=0)
+        right = ((cx[idx] + half_w) * s / wc).floor().long().clamp(max=s - 1)
+        top = torch.maximum(top, ci - 1)
+        down = torch.minimum(down, ci + 1)
+        left = torch.maximum(left, cj - 1)
+        right = torch.minimum(right, cj + 1)
+
+        grid = torch.arange(s, device=device)
+        in_rows = (grid[None] >= top[:, None]) & (grid[None] <= down[:, None])  # (I_l, S)
+        in_cols = (grid[None] >= left[:, None]) & (grid[None] <= right[:, None])
+        pos = (in_rows[:, :, None] & in_cols[:, None, :]).view(idx.numel(), s * s)
+        inst_of_pos, cell_of_pos = pos.nonzero(as_tuple=True)
+
+        # Owner of each (image, cell): the latest instance claiming it ("later one wins").
+        key = img_of[idx][inst_of_pos] * (s * s) + cell_of_pos
+        owner = torch.full((n * s * s,), -1, dtype=torch.int64, device=device)
+        owner.scatter_reduce_(0, key, idx[inst_of_pos], reduce="amax")
+        labels = torch.full((n * s * s,), self.num_classes, dtype=torch.int64, device=device)
+        has = owner >= 0
+        labels[has] = classes[owner[has]]
+
+        flat = has.nonzero().squeeze(1)  # sorted by (image, cell)
+        owners = owner[flat]
+        used, pos_inst = torch.unique(owners, return_inverse=True)
+        return LevelTargets(
+            labels=labels.view(n, s, s),
+            pos_img=flat // (s * s),
+            pos_cell=flat % (s * s),
+            pos_inst=pos_inst.view(-1),
+            masks=_resize_masks(masks[used], mask_size),
+        )
+
+
+def _extent(any_mask: torch.Tensor) -> torch.Tensor:
+    """Length from the first to one past the last True along dim 1; 0 for an all-False row."""
+    n, length = any_mask.shape
+    pos = torch.arange(length, device=any_mask.device)
+    first = torch.where(any_mask, pos, length).amin(dim=1)
+    last = torch.where(any_mask, pos, -1).amax(dim=1)
+    return (last + 1 - first).clamp(min=0).to(torch.float32)
+
+
+def _resize_masks(masks: torch.Tensor, size: Tuple[int, int], chunk: int = 32) -> torch.Tensor:
+    """Resize (U, Hc, Wc) bool masks to (U, *size) bool: bilinear, then >= 0.5 (in chunks)."""
+    if masks.shape[0] == 0:
+        return torch.zeros((0, *size), dtype=torch.bool, device=masks.device)
+    out = [
+        F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+        >= 0.5
+        for m in masks.split(chunk)
+    ]
+    return torch.cat(out)

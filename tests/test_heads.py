@@ -1,0 +1,92 @@
+"""Head contract: output shapes, initialisation, and how a cell's mask is formed."""
+import math
+
+import pytest
+import torch
+from detectron2.layers import ShapeSpec
+
+from conftest import tiny_cfg
+from solo_d2.modeling import DecoupledSOLOHead, SOLOHead, build_solo_head
+
+GRIDS = [12, 10, 8, 6, 4]
+
+
+def features(n=2, c=64, size=128, strides=(4, 8, 16, 32, 64)):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(n, c, -(-size // s), -(-size // s), generator=g) for s in strides]
+
+
+@pytest.mark.parametrize("cls", [SOLOHead, DecoupledSOLOHead])
+def test_forward_shapes(cls):
+    head = cls(num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=32, num_stacked_convs=2, norm="GN")
+    cate, mask_feats = head(features())
+    assert [tuple(c.shape) for c in cate] == [(2, 4, s, s) for s in GRIDS]
+    # Mask strides [4, 4, 8, 16, 16] on a 128 px input.
+    assert [tuple(m.shape) for m in mask_feats] == [(2, 32, h, h) for h in (32, 32, 16, 8, 8)]
+    assert all(c.dtype == torch.float32 for c in cate)
+
+
+@pytest.mark.parametrize("name", ["SOLOHead", "DecoupledSOLOHead"])
+def test_built_from_cfg_with_prior_bias(name):
+    cfg = tiny_cfg(name)
+    head = build_solo_head(cfg, [ShapeSpec(channels=64, stride=s) for s in (4, 8, 16, 32, 64)])
+    assert type(head).__name__ == name
+    prior = -math.log(99)
+    assert torch.allclose(head.cate_pred.bias, torch.full_like(head.cate_pred.bias, prior))
+    for p in head.mask_output_parameters():
+        if p.dim() == 1:
+            assert torch.allclose(p, torch.full_like(p, prior))
+    if name == "SOLOHead":
+        assert [m.out_channels for m in head.mask_preds] == [s * s for s in GRIDS]
+    else:
+        assert [(m["x"].out_channels, m["y"].out_channels) for m in head.mask_preds] == [(s, s) for s in GRIDS]
+
+
+def test_unknown_head_type_names_the_key():
+    cfg = tiny_cfg("NoSuchHead")
+    with pytest.raises(ValueError, match="MODEL.SOLO.HEAD_TYPE"):
+        build_solo_head(cfg, [ShapeSpec(channels=64, stride=s) for s in (4, 8, 16, 32, 64)])
+
+
+@pytest.mark.parametrize("cls", [SOLOHead, DecoupledSOLOHead])
+def test_mask_probs_equal_full_masks_selected(cls):
+    torch.manual_seed(0)
+    head = cls(num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=32, num_stacked_convs=1)
+    for p in head.mask_output_parameters():  # away from the prior, so values differ per cell
+        torch.nn.init.normal_(p, std=0.5)
+    _, mask_feats = head(features())
+    img = torch.tensor([1, 0, 1, 0])
+    cell = torch.tensor([0, 17, 99, 143])
+    got = head.mask_probs(mask_feats[0], 0, img, cell)
+    full = head.full_mask_probs(mask_feats[0], 0)
+    assert got.shape == (4, 32, 32)
+    assert torch.allclose(got, full[img, cell], atol=1e-6)
+
+
+def test_decoupled_mask_is_product_of_x_column_and_y_row():
+    torch.manual_seed(0)
+    head = DecoupledSOLOHead(num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=32, num_stacked_convs=1)
+    for p in head.mask_output_parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    _, mask_feats = head(features())
+    level, s = 1, 10
+    i, j = 3, 7  # cell k = i * S + j = 37
+    feat = mask_feats[level]
+    x = head.mask_preds[level]["x"](feat)  # (N, S, H, W), channel j = column j
+    y = head.mask_preds[level]["y"](feat)  # channel i = row i
+    expected = torch.sigmoid(x[1, j]) * torch.sigmoid(y[1, i])
+    got = head.mask_probs(feat, level, torch.tensor([1]), torch.tensor([i * s + j]))[0]
+    assert torch.allclose(got, expected, atol=1e-7)
+
+
+def test_deformable_tower_forward_backward():
+    head = DecoupledSOLOHead(
+        num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=32, num_stacked_convs=2, use_deformable=True
+    )
+    cate, mask_feats = head(features(n=1, size=64))
+    loss = sum(c.sum() for c in cate) + sum(m.sum() for m in mask_feats)
+    loss.backward()
+    offsets = [m.conv_offset.weight for m in head.modules() if hasattr(m, "conv_offset")]
+    assert len(offsets) == 4  # 2 convs in each of the 2 towers
+    assert all(w.grad is not None and torch.isfinite(w.grad).all() for w in offsets)
+    assert any(w.grad.abs().sum() > 0 for w in offsets)

@@ -1,0 +1,176 @@
+"""The SOLO meta-architecture end to end on CPU: training steps on odd inputs, the inference
+contract, config errors, DefaultPredictor and Visualizer."""
+import numpy as np
+import pytest
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Instances
+from detectron2.utils.visualizer import Visualizer
+
+from conftest import instances, tiny_cfg
+
+HEADS = ["SOLOHead", "DecoupledSOLOHead"]
+
+
+@pytest.fixture(scope="module", params=HEADS)
+def model(request):
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(request.param))
+
+
+def _image(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+
+
+def _train_step(model, batch):
+    model.train()
+    model.zero_grad()
+    losses = model(batch)
+    assert set(losses) == {"loss_cate", "loss_mask"}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing}"
+    return {k: v.item() for k, v in losses.items()}
+
+
+def _empty(h, w):
+    inst = Instances((h, w))
+    inst.gt_masks = BitMasks(torch.zeros(0, h, w, dtype=torch.bool))
+    inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+    inst.gt_classes = torch.zeros(0, dtype=torch.int64)
+    return inst
+
+
+def test_train_step_odd_sizes(model):
+    batch = [
+        {"image": _image(200, 249), "instances": instances(200, 249, [(10, 20, 90, 110, 1), (150, 100, 249, 200, 3)])},
+        {"image": _image(97, 131, 1), "instances": instances(97, 131, [(0, 0, 40, 30, 0)])},
+    ]
+    losses = _train_step(model, batch)
+    assert losses["loss_mask"] > 0 and losses["loss_cate"] > 0
+
+
+def test_no_positive_cell_in_batch(model):
+    batch = [{"image": _image(128, 128), "instances": _empty(128, 128)} for _ in range(2)]
+    losses = _train_step(model, batch)
+    assert losses["loss_cate"] > 0
+    assert losses["loss_mask"] == 0.0
+
+
+def test_half_empty_batch(model):
+    batch = [
+        {"image": _image(128, 128), "instances": _empty(128, 128)},
+        {"image": _image(128, 128, 1), "instances": instances(128, 128, [(30, 30, 80, 90, 2)])},
+    ]
+    losses = _train_step(model, batch)
+    assert losses["loss_mask"] > 0
+
+
+def test_zero_area_border_tiny_and_many_objects(model):
+    border = instances(128, 128, [(0, 0, 128, 10, 1), (118, 40, 128, 128, 2), (60, 60, 62, 62, 0)])
+    zero = instances(128, 128, [(20, 20, 60, 60, 1)])
+    zero.gt_masks.tensor[0] = False  # zero-area mask, box kept
+    g = torch.Generator().manual_seed(0)
+    boxes = []
+    for _ in range(120):
+        x0, y0 = torch.randint(0, 110, (2,), generator=g).tolist()
+        boxes.append((x0, y0, x0 + 8 + int(torch.randint(0, 40, (1,), generator=g)), y0 + 12, 3))
+    many = instances(160, 160, [(min(a, 159), b, min(c, 160), d, k) for a, b, c, d, k in boxes])
+    batch = [
+        {"image": _image(128, 128), "instances": border},
+        {"image": _image(128, 128, 1), "instances": zero},
+        {"image": _image(160, 160, 2), "instances": many},
+    ]
+    _train_step(model, batch)
+
+
+def test_wrong_class_id_names_the_key(model):
+    batch = [{"image": _image(64, 64), "instances": instances(64, 64, [(0, 0, 30, 30, 9)])}]
+    model.train()
+    with pytest.raises(ValueError, match="MODEL.SOLO.NUM_CLASSES"):
+        model(batch)
+
+
+def test_inference_contract(model):
+    model.eval()
+    with torch.no_grad():
+        out = model([
+            {"image": _image(200, 249)},                              # no height/width
+            {"image": _image(100, 120, 1), "height": 300, "width": 360},  # requested size
+        ])
+    assert len(out) == 2
+    for r, size in zip(out, [(200, 249), (300, 360)]):
+        inst = r["instances"]
+        assert inst.image_size == size
+        assert inst.pred_masks.shape[1:] == size and inst.pred_masks.dtype == torch.bool
+        assert inst.scores.dtype == torch.float32 and inst.pred_classes.dtype == torch.int64
+        assert inst.pred_boxes.tensor.shape == (len(inst), 4)
+
+
+def test_inference_returns_instances_when_forced(model):
+    # A lowered score threshold makes the untrained model return candidates: exercise the
+    # non-empty path (masks, boxes from masks, sorted scores, max per image).
+    pp = model.postprocess
+    saved = (pp.score_thresh, pp.mask_thresh, pp.update_thresh, pp.max_per_image)
+    pp.score_thresh, pp.mask_thresh, pp.update_thresh, pp.max_per_image = 0.0, 0.0, 0.0, 7
+    try:
+        model.eval()
+        with torch.no_grad():
+            inst = model([{"image": _image(96, 80), "height": 48, "width": 40}])[0]["instances"]
+    finally:
+        pp.score_thresh, pp.mask_thresh, pp.update_thresh, pp.max_per_image = saved
+    assert 0 < len(inst) <= 7 and inst.pred_masks.shape[1:] == (48, 40)
+    assert (inst.scores[:-1] >= inst.scores[1:]).all()
+    assert (inst.pred_classes >= 0).all() and (inst.pred_classes < 4).all()
+
+
+def test_bad_image_names_the_problem(model):
+    model.eval()
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        model([{"image": torch.zeros(1, 32, 32)}])
+    with pytest.raises(ValueError, match="empty"):
+        model([{"image": torch.zeros(3, 0, 32)}])
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("MODEL.SOLO.NUM_GRIDS", [12, 10, 8, 6], "MODEL.SOLO.NUM_GRIDS"),
+        ("MODEL.SOLO.SCALE_RANGES", [[1, 24], [12, 48]], "MODEL.SOLO.SCALE_RANGES"),
+        ("MODEL.SOLO.IN_FEATURES", ["p2", "p3", "p4", "p5", "p7"], "MODEL.SOLO.IN_FEATURES"),
+    ],
+)
+def test_config_length_mismatch_fails_at_build(key, value, match):
+    cfg = tiny_cfg()
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=match):
+        build_model(cfg)
+
+
+def test_num_classes_disagreeing_with_dataset_fails_at_build():
+    MetadataCatalog.get("solo_test_three_classes").set(thing_classes=["a", "b", "c"])
+    cfg = tiny_cfg()
+    cfg.DATASETS.TRAIN = ("solo_test_three_classes",)
+    with pytest.raises(ValueError, match="MODEL.SOLO.NUM_CLASSES = 4 .* 3 classes"):
+        build_model(cfg)
+
+
+def test_default_predictor_and_visualizer(tmp_path):
+    cfg = tiny_cfg()
+    cfg.MODEL.SOLO.SCORE_THRESH_TEST = 0.0  # untrained: make sure something is drawn
+    cfg.MODEL.SOLO.UPDATE_THRESH_TEST = 0.0
+    cfg.MODEL.SOLO.MASK_THRESH_TEST = 0.0
+    cfg.MODEL.SOLO.MAX_PER_IMAGE = 3
+    cfg.DATASETS.TEST = ("shapes_val",)
+    predictor = DefaultPredictor(cfg)
+    img = np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8)
+    out = predictor(img)["instances"]
+    assert out.image_size == (90, 150) and out.pred_masks.shape == (len(out), 90, 150)
+    assert 0 < len(out) <= 3
+    vis = Visualizer(img[:, :, ::-1], MetadataCatalog.get("shapes_val"))
+    drawn = vis.draw_instance_predictions(out.to("cpu")).get_image()
+    assert drawn.shape == (90, 150, 3)

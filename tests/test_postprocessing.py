@@ -1,0 +1,112 @@
+"""Point NMS, Matrix NMS and the per-image output contract."""
+import math
+
+import pytest
+import torch
+from detectron2.structures import BitMasks
+
+from solo_d2.modeling import SOLOPostProcessor, matrix_nms, point_nms
+from solo_d2.modeling.layers import masks_to_boxes
+
+
+def test_point_nms_keeps_local_maxima_of_2x2():
+    p = torch.tensor([[[0.1, 0.9, 0.2], [0.3, 0.4, 0.8], [0.5, 0.1, 0.1]]])
+    kept = point_nms(p)
+    # Each cell is compared with itself and its up/left/up-left neighbours (2x2 max pool).
+    expected = torch.tensor([[[0.1, 0.9, 0.0], [0.3, 0.0, 0.0], [0.5, 0.0, 0.0]]])
+    assert torch.equal(kept, expected)
+
+
+def _square(y0, x0, size=8, hw=32):
+    m = torch.zeros(hw, hw, dtype=torch.bool)
+    m[y0 : y0 + size, x0 : x0 + size] = True
+    return m
+
+
+def test_matrix_nms_decays_duplicate_keeps_distinct():
+    masks = torch.stack([_square(0, 0), _square(0, 0), _square(16, 16), _square(0, 0)])
+    labels = torch.tensor([1, 1, 1, 2])  # a duplicate, a distinct mask, another class
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    out = matrix_nms(masks, labels, scores, "gaussian", sigma=2.0)
+    assert math.isclose(out[0].item(), 0.9, rel_tol=1e-6)
+    assert math.isclose(out[1].item(), 0.8 * math.exp(-2.0), rel_tol=1e-5)
+    assert math.isclose(out[2].item(), 0.7, rel_tol=1e-6)
+    assert math.isclose(out[3].item(), 0.6, rel_tol=1e-6)
+    lin = matrix_nms(masks, labels, scores, "linear")
+    assert lin[1].item() == pytest.approx(0.0, abs=1e-6) and lin[2].item() == pytest.approx(0.7)
+
+
+def test_matrix_nms_compensation():
+    # A overlaps B (IoU 0.5), B overlaps C (IoU 0.5), A and C do not overlap. C's decay by B is
+    # compensated because B was itself suppressed by A: exp(-2*0.25) / exp(-2*0.25) = 1.
+    a = torch.zeros(4, 4, dtype=torch.bool); a[:, 0:2] = True
+    b = torch.zeros(4, 4, dtype=torch.bool); b[:, 1:3] = True
+    c = torch.zeros(4, 4, dtype=torch.bool); c[:, 2:4] = True
+    iou = 1 / 3  # two columns each, one shared
+    out = matrix_nms(torch.stack([a, b, c]), torch.zeros(3, dtype=torch.long), torch.tensor([0.9, 0.8, 0.7]))
+    assert out[1].item() == pytest.approx(0.8 * math.exp(-2 * iou**2), rel=1e-5)
+    assert out[2].item() == pytest.approx(0.7, rel=1e-5)
+
+
+def test_masks_to_boxes_matches_detectron2():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(6, 20, 30, generator=g) > 0.97
+    masks[0] = False
+    ours = masks_to_boxes(masks)
+    theirs = BitMasks(masks).get_bounding_boxes().tensor
+    assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+
+
+def _postprocessor(**kw):
+    return SOLOPostProcessor(num_classes=3, num_grids=[4, 2], strides=[8, 16], **kw)
+
+
+def test_output_contract_and_requested_size():
+    # Level 0 (4x4 grid): cell 5 (row 1, col 1), class 2, score ~0.95, mask = a square.
+    cate = [torch.full((3, 4, 4), -10.0), torch.full((3, 2, 2), -10.0)]
+    cate[0][2, 1, 1] = 3.0
+    mask = torch.zeros(16, 16)
+    mask[4:12, 2:10] = 0.9
+
+    def mask_fn(level, cells):
+        return mask.expand(len(cells), 16, 16).clone()
+
+    out = _postprocessor()(cate, mask_fn, (16, 16), (64, 64), (60, 50), (120, 100))
+    assert out.image_size == (120, 100)
+    assert len(out) == 1
+    assert out.pred_masks.shape == (1, 120, 100) and out.pred_masks.dtype == torch.bool
+    assert out.scores.dtype == torch.float32 and out.pred_classes.dtype == torch.int64
+    assert out.pred_classes.tolist() == [2]
+    # score = sigmoid(3) * maskness (0.9)
+    assert out.scores.item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item() * 0.9, rel=1e-5)
+    # Mask: stride-4 square rows 4..11, cols 2..9 -> input rows 16..47, cols 8..39, then x2.
+    ys, xs = out.pred_masks[0].nonzero(as_tuple=True)
+    assert 30 <= ys.min() <= 34 and 94 <= ys.max() <= 97
+    assert 14 <= xs.min() <= 18 and 78 <= xs.max() <= 81
+    assert torch.equal(out.pred_boxes.tensor, masks_to_boxes(out.pred_masks))
+
+
+def test_empty_output_keeps_shapes_and_dtypes():
+    cate = [torch.full((3, 4, 4), -10.0), torch.full((3, 2, 2), -10.0)]
+    out = _postprocessor()(cate, lambda lv, c: torch.zeros(len(c), 16, 16), (16, 16), (64, 64), (64, 64), (30, 40))
+    assert len(out) == 0 and out.image_size == (30, 40)
+    assert out.pred_masks.shape == (0, 30, 40) and out.pred_masks.dtype == torch.bool
+    assert out.scores.shape == (0,) and out.scores.dtype == torch.float32
+    assert out.pred_classes.shape == (0,) and out.pred_classes.dtype == torch.int64
+    assert out.pred_boxes.tensor.shape == (0, 4)
+
+
+def test_small_masks_dropped_and_max_per_image():
+    cate = [torch.full((3, 4, 4), 5.0), torch.full((3, 2, 2), -10.0)]
+    cate[0][:, 1::2, :] = -10.0  # point NMS keeps every other row's cells anyway
+    tiny = torch.zeros(16, 16)
+    tiny[0, 0:8] = 1.0  # area 8 <= stride 8 on level 0: dropped
+    out = _postprocessor()(cate, lambda lv, c: tiny.expand(len(c), 16, 16).clone(), (16, 16), (64, 64), (64, 64), (64, 64))
+    assert len(out) == 0
+
+    g = torch.Generator().manual_seed(0)
+    many = (torch.rand(16, 16, 16, generator=g) > 0.5).float()
+    pp = _postprocessor(max_per_image=5)
+    cate = [torch.rand(3, 4, 4, generator=g) * 4, torch.full((3, 2, 2), -10.0)]
+    out = pp(cate, lambda lv, c: many[c], (16, 16), (64, 64), (64, 64), (64, 64))
+    assert len(out) == 5 and (out.scores[:-1] >= out.scores[1:]).all()
