@@ -37,8 +37,9 @@ def add_solo_config(cfg):
     _C.MODEL.SOLO.NUM_STACKED_CONVS = 7
     # Normalisation in the towers: "GN" (32 groups), "" for none, or any detectron2 get_norm name.
     _C.MODEL.SOLO.NORM = "GN"
-    # Use deformable 3x3 convs (torchvision.ops.deform_conv2d) in the towers instead of plain convs.
-    _C.MODEL.SOLO.USE_DEFORMABLE = False
+    # How many convs of each tower, counted from the last, are deformable 3x3 convs (DCN v1 on
+    # torchvision.ops.deform_conv2d) instead of plain ones. The reference light DCN model uses 1.
+    _C.MODEL.SOLO.NUM_DEFORMABLE_CONVS = 0
     # Prior probability used to initialise the biases of the final category and mask convs.
     _C.MODEL.SOLO.PRIOR_PROB = 0.01
 

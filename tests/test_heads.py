@@ -7,6 +7,7 @@ from detectron2.layers import ShapeSpec
 
 from conftest import tiny_cfg
 from solo_d2.modeling import DecoupledSOLOHead, SOLOHead, build_solo_head
+from solo_d2.modeling.layers import DeformConv3x3
 
 GRIDS = [12, 10, 8, 6, 4]
 
@@ -81,12 +82,13 @@ def test_decoupled_mask_is_product_of_x_column_and_y_row():
 
 def test_deformable_tower_forward_backward():
     head = DecoupledSOLOHead(
-        num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=32, num_stacked_convs=2, use_deformable=True
+        num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=32, num_stacked_convs=3, num_deformable_convs=2
     )
     cate, mask_feats = head(features(n=1, size=64))
     loss = sum(c.sum() for c in cate) + sum(m.sum() for m in mask_feats)
     loss.backward()
     offsets = [m.conv_offset.weight for m in head.modules() if hasattr(m, "conv_offset")]
-    assert len(offsets) == 4  # 2 convs in each of the 2 towers
+    assert len(offsets) == 4  # the last 2 convs of each of the 2 towers
+    assert not isinstance(head.mask_tower[0], DeformConv3x3) and isinstance(head.mask_tower[-3], DeformConv3x3)
     assert all(w.grad is not None and torch.isfinite(w.grad).all() for w in offsets)
     assert any(w.grad.abs().sum() > 0 for w in offsets)

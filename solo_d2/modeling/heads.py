@@ -43,11 +43,12 @@ def build_solo_head(cfg, input_shape: List[ShapeSpec]) -> nn.Module:
     return SOLO_HEAD_REGISTRY.get(name)(cfg, input_shape)
 
 
-def _tower(in_channels, channels, num_convs, norm, deformable) -> nn.Sequential:
+def _tower(in_channels, channels, num_convs, norm, num_deformable) -> nn.Sequential:
+    """``num_convs`` x (3x3 conv, norm, ReLU); the last ``num_deformable`` convs are deformable."""
     layers = []
     for i in range(num_convs):
         cin = in_channels if i == 0 else channels
-        if deformable:
+        if i >= num_convs - num_deformable:
             conv = DeformConv3x3(cin, channels, bias=not norm)
         else:
             conv = nn.Conv2d(cin, channels, kernel_size=3, padding=1, bias=not norm)
@@ -85,7 +86,7 @@ class SOLOHead(nn.Module):
         conv_channels: int = 256,
         num_stacked_convs: int = 7,
         norm: str = "GN",
-        use_deformable: bool = False,
+        num_deformable_convs: int = 0,
         prior_prob: float = 0.01,
     ):
         """
@@ -96,15 +97,23 @@ class SOLOHead(nn.Module):
             conv_channels: channels of the tower convs.
             num_stacked_convs: 3x3 convs in each tower.
             norm: tower normalisation ("GN", "" for none, or a detectron2 ``get_norm`` name).
-            use_deformable: deformable 3x3 convs in the towers.
+            num_deformable_convs: how many of each tower's convs, counted from the last, are
+                deformable (the reference light DCN model: 1).
             prior_prob: initial foreground probability of the category and mask outputs.
         """
         super().__init__()
         self.num_classes = num_classes
         self.num_grids = list(num_grids)
-        self.cate_tower = _tower(in_channels, conv_channels, num_stacked_convs, norm, use_deformable)
+        if not 0 <= num_deformable_convs <= num_stacked_convs:
+            raise ValueError(
+                f"MODEL.SOLO.NUM_DEFORMABLE_CONVS = {num_deformable_convs} must be in "
+                f"0..NUM_STACKED_CONVS ({num_stacked_convs})"
+            )
+        self.cate_tower = _tower(
+            in_channels, conv_channels, num_stacked_convs, norm, num_deformable_convs
+        )
         self.mask_tower = _tower(
-            in_channels + 2, conv_channels, num_stacked_convs, norm, use_deformable
+            in_channels + 2, conv_channels, num_stacked_convs, norm, num_deformable_convs
         )
         self.cate_pred = nn.Conv2d(conv_channels, num_classes, kernel_size=3, padding=1)
         self.mask_preds = self._build_mask_outputs(conv_channels)
@@ -138,7 +147,7 @@ class SOLOHead(nn.Module):
             "conv_channels": cfg.MODEL.SOLO.CONV_CHANNELS,
             "num_stacked_convs": cfg.MODEL.SOLO.NUM_STACKED_CONVS,
             "norm": cfg.MODEL.SOLO.NORM,
-            "use_deformable": cfg.MODEL.SOLO.USE_DEFORMABLE,
+            "num_deformable_convs": cfg.MODEL.SOLO.NUM_DEFORMABLE_CONVS,
             "prior_prob": cfg.MODEL.SOLO.PRIOR_PROB,
         }
 
