@@ -48,3 +48,11 @@ def test_mask_loss_mean_over_cells_and_empty():
     feat = torch.rand(0, 4, 4, requires_grad=True)
     zero = mask_loss([feat], [torch.zeros(0, 4, 4)])
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_dice_loss_is_exact_for_half_precision_inputs():
+    # 90,000 pixels: the sums overflow float16 (max 65504) unless the loss computes in float32.
+    p = torch.ones(1, 300, 300, dtype=torch.float16)
+    loss = dice_loss(p, p > 0)
+    assert loss.dtype == torch.float32
+    assert math.isclose(loss.item(), 1 - 180000 / 180000.002, abs_tol=1e-6)

@@ -174,3 +174,26 @@ def test_default_predictor_and_visualizer(tmp_path):
     vis = Visualizer(img[:, :, ::-1], MetadataCatalog.get("shapes_val"))
     drawn = vis.draw_instance_predictions(out.to("cpu")).get_image()
     assert drawn.shape == (90, 150, 3)
+
+
+def test_vanilla_and_decoupled_heads_select_the_same_cells():
+    batch = [
+        {"image": _image(128, 128), "instances": instances(128, 128, [(10, 20, 90, 110, 1), (60, 60, 100, 80, 2)])},
+        {"image": _image(128, 128, 1), "instances": instances(128, 128, [(0, 0, 40, 30, 0)])},
+    ]
+    selected = {}
+    for head_type in HEADS:
+        model = build_model(tiny_cfg(head_type))
+        calls = []
+        original = model.head.mask_probs
+
+        def spy(feat, level, img, cell, original=original, calls=calls):
+            calls.append((level, img.tolist(), cell.tolist()))
+            return original(feat, level, img, cell)
+
+        model.head.mask_probs = spy
+        model.train()
+        model(batch)
+        selected[head_type] = calls
+    assert selected["SOLOHead"] == selected["DecoupledSOLOHead"]
+    assert sum(len(c[2]) for c in selected["SOLOHead"]) > 0

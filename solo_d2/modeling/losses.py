@@ -16,8 +16,8 @@ def dice_loss(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1e-3) -> 
     Returns:
         (K,) float.
     """
-    p = probs.flatten(1)
-    q = targets.flatten(1).to(p.dtype)
+    p = probs.flatten(1).float()  # float32: fp16 sums over a mask's pixels overflow
+    q = targets.flatten(1).float()
     inter = (p * q).sum(1)
     union = (p * p).sum(1) + (q * q).sum(1) + 2 * eps
     return 1 - 2 * inter / union
@@ -38,7 +38,9 @@ def category_loss(
     Returns:
         scalar float.
     """
-    logits = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, num_classes) for x in cate_logits])
+    logits = torch.cat(
+        [x.permute(0, 2, 3, 1).reshape(-1, num_classes).float() for x in cate_logits]
+    )
     flat = torch.cat([y.reshape(-1) for y in labels])
     pos = flat < num_classes
     onehot = torch.zeros_like(logits)

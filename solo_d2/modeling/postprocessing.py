@@ -50,7 +50,7 @@ def matrix_nms(
     k = masks.shape[0]
     if k == 0:
         return scores
-    flat = masks.reshape(k, -1).to(scores.dtype)
+    flat = masks.reshape(k, -1).float()  # float32 even under autocast: areas exceed fp16
     inter = flat @ flat.t()
     area = flat.sum(1)
     union = area[:, None] + area[None, :] - inter
@@ -133,7 +133,10 @@ class SOLOPostProcessor:
         """
         device = cate_logits[0].device
         c = self.num_classes
-        probs = [point_nms(x.sigmoid()).permute(1, 2, 0).reshape(-1, c) for x in cate_logits]
+        # float32 throughout (areas and IoUs overflow fp16 when the model runs under autocast)
+        probs = [
+            point_nms(x.float().sigmoid()).permute(1, 2, 0).reshape(-1, c) for x in cate_logits
+        ]
         level_of = torch.cat(
             [torch.full((p.shape[0],), i, device=device) for i, p in enumerate(probs)]
         )
@@ -155,7 +158,7 @@ class SOLOPostProcessor:
             m = mask_fn(level, cells[sel])
             if m.shape[-2:] != tuple(mask_size):
                 m = F.interpolate(m[:, None], size=mask_size, mode="bilinear")[:, 0]
-            soft[sel] = m
+            soft[sel] = m.float()
         binary = soft > self.mask_thresh
         area = binary.sum(dim=(1, 2)).to(scores.dtype)
         strides = torch.as_tensor(self.strides, device=device, dtype=scores.dtype)[levels]
