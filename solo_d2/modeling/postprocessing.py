@@ -162,19 +162,18 @@ class SOLOPostProcessor:
         binary = soft > self.mask_thresh
         area = binary.sum(dim=(1, 2)).to(scores.dtype)
         strides = torch.as_tensor(self.strides, device=device, dtype=scores.dtype)[levels]
-        keep = area > strides
-        soft, binary, area, scores, cls = soft[keep], binary[keep], area[keep], scores[keep], cls[keep]
-        maskness = (soft * binary).sum(dim=(1, 2)) / area
+        maskness = (soft * binary).sum(dim=(1, 2)) / area.clamp(min=1)
         scores = scores * maskness
 
-        order = scores.argsort(descending=True)
-        soft, binary, scores, cls = soft[order], binary[order], scores[order], cls[order]
-        scores = matrix_nms(binary, cls, scores, self.nms_kernel, self.nms_sigma)
-        keep = scores >= self.update_thresh
-        soft, scores, cls = soft[keep], scores[keep], cls[keep]
-        scores, order = scores.sort(descending=True)
-        scores, order = scores[: self.max_per_image], order[: self.max_per_image]
-        soft, cls = soft[order], cls[order]
+        # Indices into the candidates are composed; the big mask tensors are gathered once.
+        idx = (area > strides).nonzero().squeeze(1)
+        idx = idx[scores[idx].argsort(descending=True)]
+        scores, cls = scores[idx], cls[idx]
+        scores = matrix_nms(binary[idx], cls, scores, self.nms_kernel, self.nms_sigma)
+        keep = (scores >= self.update_thresh).nonzero().squeeze(1)
+        scores, order = scores[keep].sort(descending=True)
+        order = keep[order[: self.max_per_image]]
+        scores, cls, soft = scores[: self.max_per_image], cls[order], soft[idx[order]]
 
         masks = self.paste_masks(soft, padded_size, image_size, output_size)
         result = Instances(tuple(output_size))
