@@ -1,5 +1,5 @@
 """The SOLO meta-architecture: backbone -> SOLO head -> (grid targets + losses | postprocessing)."""
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 from detectron2.config import configurable
@@ -11,7 +11,7 @@ from torch import nn
 from .heads import build_solo_head
 from .losses import category_loss, mask_loss
 from .postprocessing import SOLOPostProcessor
-from .targets import SOLOTargetGenerator
+from .targets import LevelTargets, SOLOTargetGenerator
 
 __all__ = ["SOLO"]
 
@@ -146,7 +146,10 @@ class SOLO(nn.Module):
         cate_logits, mask_feats = self.head([features[f] for f in self.in_features])
         if self.training:
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-            return self.losses(cate_logits, mask_feats, gt_instances, images.tensor.shape[-2:])
+            targets = self.targets(
+                gt_instances, tuple(images.tensor.shape[-2:]), [m.shape[-2:] for m in mask_feats]
+            )
+            return self.losses(cate_logits, mask_feats, targets)
         return self.inference_from_outputs(cate_logits, mask_feats, images, batched_inputs)
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
@@ -170,10 +173,9 @@ class SOLO(nn.Module):
         self,
         cate_logits: List[torch.Tensor],
         mask_feats: List[torch.Tensor],
-        gt_instances: List[Instances],
-        canvas_size: Tuple[int, int],
+        targets: List[LevelTargets],
     ) -> Dict[str, torch.Tensor]:
-        targets = self.targets(gt_instances, tuple(canvas_size), [m.shape[-2:] for m in mask_feats])
+        """Weighted focal + dice losses from the head outputs and the grid targets."""
         loss_cate = category_loss(
             cate_logits,
             [t.labels for t in targets],
