@@ -1,26 +1,37 @@
 #!/usr/bin/env python
-"""Speed and peak memory of one training step and of inference, per model, on one input size.
+"""Speed and memory of solo_d2's models beside Detectron2's Mask R-CNN, one input, one machine.
 
-    python tools/benchmark.py                                   # the default table (CPU)
-    python tools/benchmark.py --models SOLO DecoupledSOLO --size 800 1333 --runs 5
-    python tools/benchmark.py --device cuda --runs 10           # on a GPU
+    python tools/benchmark.py memory   # peak memory (and time) of a training step and of inference
+    python tools/benchmark.py latency  # inference per stage: preprocess, backbone+FPN, heads, postprocess
+    python tools/benchmark.py train    # training step per stage: forward, targets, losses, backward
+    python tools/benchmark.py targets  # target generation vs instance count (1, 10, 50, 200)
+    python tools/benchmark.py all --json results.json
 
-Every (model, mode) pair runs in a fresh subprocess, so peak memory belongs to that pair alone:
+Common options: ``--models`` (default: SOLO DecoupledSOLO DecoupledSOLO_Light MaskRCNN),
+``--runs`` (timed runs after one warm-up), ``--threads`` (default 2; the same for every model),
+``--size H W`` (default: each model's reference size: 800x1333, 512x852 for the light model),
+``--device cpu|cuda``, ``--amp`` (CUDA autocast).
 
-- CPU: peak resident memory of the process (``ru_maxrss``) and its rise above the resident
-  memory before the first step (model, weights and input already in memory);
-- CUDA: ``torch.cuda.max_memory_allocated`` (and the rise above the allocation before the step).
+Models: ``SOLO``, ``DecoupledSOLO``, ``DecoupledSOLO_Light`` (solo_d2's COCO configs, R-50-FPN),
+``SOLO_S2`` (vanilla SOLO forming all S^2 masks of every level, as reference implementations do;
+solo_d2 forms only the masks it needs), and ``MaskRCNN`` (Detectron2's
+``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml``). Weights are random.
 
-Times are the median (and min/max) of ``--runs`` runs after one warm-up run; inference runs under
-``torch.inference_mode``. Weights are random, so inference would find no candidate at the prior
-probability; the benchmark sets the category bias to 0 and re-draws the mask output weights so
-that every cell surviving point NMS is a candidate: ``NMS_PRE`` (500) candidate masks enter
-mask formation, area filter, maskness and Matrix NMS, and ``MAX_PER_IMAGE`` (100) masks are
-pasted at full resolution: the heaviest postprocess the config allows.
+How the postprocess load is made realistic with random weights (it would otherwise be empty):
+for SOLO models the category bias is set to 0 and the mask output weights are re-drawn, so every
+cell surviving point NMS is a candidate: ``NMS_PRE`` (500) candidates enter mask formation,
+maskness and Matrix NMS, and ``MAX_PER_IMAGE`` (100) masks are pasted at full resolution. For
+For Mask R-CNN the class logits get a random per-class bias (N(0, 3^2)), so a few classes pass the
+default 0.05 score threshold for every proposal (at 800x1333: 1000 proposals, about 5,500 boxes
+into per-class NMS, 100 detections to the mask head, 100 masks pasted). Both models thus output up
+to 100 instances (SOLO's Matrix NMS may decay some below ``UPDATE_THRESH_TEST``).
 
-Training uses ``--instances`` (default 10) GT rectangles of sizes spread over every level.
-``SOLO_S2`` is vanilla SOLO forming all S^2 masks of every level in training, as reference
-implementations do; solo_d2's own ``SOLO`` forms only the positive cells' masks.
+Random backbones: every FrozenBatchNorm2d gets the statistics of its input on the benchmark image
+(one calibration pass), so activations have the scale of a trained network.
+
+Memory: each (model, mode) runs in a fresh subprocess. CPU: peak resident memory (``ru_maxrss``)
+and its rise above the memory before the first step; CUDA: ``torch.cuda.max_memory_allocated``.
+Training steps use ``--instances`` (default 10) GT squares of sizes spread over every level.
 """
 import argparse
 import json
@@ -30,34 +41,48 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+COCO = "configs/COCO-InstanceSegmentation/"
 MODELS = {
-    "SOLO": ("configs/COCO-InstanceSegmentation/SOLO_R50_1x.yaml", (800, 1333)),
-    "SOLO_S2": ("configs/COCO-InstanceSegmentation/SOLO_R50_1x.yaml", (800, 1333)),
-    "DecoupledSOLO": ("configs/COCO-InstanceSegmentation/DecoupledSOLO_R50_1x.yaml", (800, 1333)),
-    "DecoupledSOLO_Light": (
-        "configs/COCO-InstanceSegmentation/DecoupledSOLO_Light_R50_3x.yaml",
-        (512, 852),
-    ),
+    "SOLO": (COCO + "SOLO_R50_1x.yaml", (800, 1333)),
+    "SOLO_S2": (COCO + "SOLO_R50_1x.yaml", (800, 1333)),
+    "DecoupledSOLO": (COCO + "DecoupledSOLO_R50_1x.yaml", (800, 1333)),
+    "DecoupledSOLO_Light": (COCO + "DecoupledSOLO_Light_R50_3x.yaml", (512, 852)),
+    "MaskRCNN": ("model_zoo:COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", (800, 1333)),
 }
+DEFAULT_MODELS = ["SOLO", "DecoupledSOLO", "DecoupledSOLO_Light", "MaskRCNN"]
 
 
-def _build(name, device):
-    import torch
+# ---------------------------------------------------------------------------------------------
+# building models and inputs
+# ---------------------------------------------------------------------------------------------
+def build_cfg(name, device="cpu"):
+    from detectron2 import model_zoo
     from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
 
     import solo_d2
 
     cfg = get_cfg()
     solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(str(REPO / MODELS[name][0]))
+    path = MODELS[name][0]
+    if path.startswith("model_zoo:"):
+        cfg.merge_from_file(model_zoo.get_config_file(path[len("model_zoo:"):]))
+    else:
+        cfg.merge_from_file(str(REPO / path))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = device
+    return cfg
+
+
+def build(name, device="cpu"):
+    import torch
+    from detectron2.modeling import build_model
+
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(build_cfg(name, device))
     if name == "SOLO_S2":
         head = model.head
 
@@ -68,29 +93,42 @@ def _build(name, device):
     return model
 
 
-def _gt(h, w, n, device):
+def is_solo(model):
+    return type(model).__name__ == "SOLO"
+
+
+def calibrate_frozen_bn(model, image):
+    """Set every FrozenBatchNorm2d's statistics to those of its input on ``image``, layer by
+    layer in forward order, so random-weight activations have unit scale as in a trained
+    network (with identity statistics they grow to ~1e4 through ResNet-50, which breaks the
+    RPN's proposals and is not what a trained model computes)."""
     import torch
-    from detectron2.structures import BitMasks, Instances
+    from detectron2.layers import FrozenBatchNorm2d
 
-    g = torch.Generator().manual_seed(0)
-    inst = Instances((h, w))
-    masks = torch.zeros(n, h, w, dtype=torch.bool)
-    for i in range(n):
-        # sizes from ~20 px to ~0.8 * min(h, w), log-spaced: every level gets objects
-        size = int(20 * (0.8 * min(h, w) / 20) ** (i / max(n - 1, 1)))
-        y0 = int(torch.randint(0, h - size + 1, (1,), generator=g))
-        x0 = int(torch.randint(0, w - size + 1, (1,), generator=g))
-        masks[i, y0 : y0 + size, x0 : x0 + size] = True
-    inst.gt_masks = BitMasks(masks)
-    inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
-    inst.gt_classes = torch.arange(n) % 80
-    return inst.to(device)
+    def hook(module, inputs):
+        x = inputs[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, FrozenBatchNorm2d)]
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        model.backbone(images.tensor)
+    for h in handles:
+        h.remove()
 
 
-def _force_candidates(model):
-    """Random weights -> realistic postprocess load (see the module docstring)."""
+def force_candidates(model):
+    """Random SOLO weights -> the heaviest postprocess the config allows (module docstring)."""
     import torch
 
+    if not is_solo(model):  # Mask R-CNN: peaked class scores, so a few classes pass 0.05
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            bias = model.roi_heads.box_predictor.cls_score.bias
+            bias.copy_(torch.randn(bias.shape, generator=g) * 3.0)
+        return
     with torch.no_grad():
         model.head.cate_pred.bias.zero_()
         g = torch.Generator().manual_seed(1)
@@ -101,126 +139,268 @@ def _force_candidates(model):
                 p.zero_()
 
 
+def gt_instances(h, w, n, device, num_classes=80):
+    """``n`` GT squares, sizes log-spaced from 20 px to 0.8 * min(h, w), at seeded positions."""
+    import torch
+    from detectron2.structures import BitMasks, Instances
+
+    g = torch.Generator().manual_seed(0)
+    inst = Instances((h, w))
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    for i in range(n):
+        size = int(20 * (0.8 * min(h, w) / 20) ** (i / max(n - 1, 1)))
+        y0 = int(torch.randint(0, h - size + 1, (1,), generator=g))
+        x0 = int(torch.randint(0, w - size + 1, (1,), generator=g))
+        masks[i, y0 : y0 + size, x0 : x0 + size] = True
+    inst.gt_masks = BitMasks(masks)
+    inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+    inst.gt_classes = torch.arange(n) % num_classes
+    return inst.to(device)
+
+
+class Timer:
+    """Named stage timings (seconds) with device synchronisation."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = str(device).startswith("cuda")
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.times = {}
+
+    def __call__(self, name, fn, *args, **kwargs):
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# one inference / one training step, split into stages
+# ---------------------------------------------------------------------------------------------
+def infer_stages(model, batch, t: Timer):
+    """Inference of ``batch`` with stage timings; returns the number of output instances."""
+    images = t("preprocess", model.preprocess_image, batch)
+    if is_solo(model):
+        feats = t("backbone", model.backbone, images.tensor)
+        cate, mask_feats = t("heads", model.head, [feats[f] for f in model.in_features])
+        out = t("postprocess", model.inference_from_outputs, cate, mask_feats, images, batch)
+    else:  # Detectron2's GeneralizedRCNN.inference, split the same way
+        from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
+
+        feats = t("backbone", model.backbone, images.tensor)
+
+        def heads():
+            proposals, _ = model.proposal_generator(images, feats, None)
+            results, _ = model.roi_heads(images, feats, proposals, None)
+            return results
+
+        results = t("heads", heads)
+        out = t("postprocess", GeneralizedRCNN._postprocess, results, batch, images.image_sizes)
+    return sum(len(o["instances"]) for o in out)
+
+
+def train_stages(model, batch, t: Timer, amp=False):
+    import torch
+    from detectron2.utils.events import EventStorage
+
+    model.zero_grad(set_to_none=True)
+    ctx = torch.autocast("cuda") if amp else nullcontext()
+    with ctx, EventStorage():  # Mask R-CNN logs training statistics into it
+        if is_solo(model):
+            images = model.preprocess_image(batch)
+
+            def forward():
+                feats = model.backbone(images.tensor)
+                return model.head([feats[f] for f in model.in_features])
+
+            cate, mask_feats = t("forward", forward)
+            gts = [x["instances"] for x in batch]
+            targets = t(
+                "targets",
+                model.targets,
+                gts,
+                tuple(images.tensor.shape[-2:]),
+                [m.shape[-2:] for m in mask_feats],
+            )
+            losses = t("losses", model.losses, cate, mask_feats, targets)
+        else:  # Mask R-CNN: target matching happens inside its heads; not separable
+            losses = t("forward", model, batch)
+        total = sum(losses.values())
+    t("backward", total.backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (one subprocess each)
+# ---------------------------------------------------------------------------------------------
 def _rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(args):
+def _summary(samples):
+    return {
+        "median_s": statistics.median(samples),
+        "min_s": min(samples),
+        "max_s": max(samples),
+    }
+
+
+def worker(a):
     import torch
 
-    torch.set_num_threads(args.threads)
-    device = args.device
-    model = _build(args.model, device)
-    h, w = args.size
-    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device=device)
-    cuda = device.startswith("cuda")
+    torch.set_num_threads(a.threads)
+    model = build(a.model, a.device)
+    h, w = a.size
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device=a.device)
+    calibrate_frozen_bn(model, image)
+    cuda = a.device.startswith("cuda")
+    result = {"model": a.model, "mode": a.mode, "size": [h, w], "device": a.device, "threads": a.threads}
+    if cuda:
+        result["device_name"] = torch.cuda.get_device_name()
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    if args.mode == "train":
+    if a.mode == "targets":
+        # Target generation alone, and its share of a whole training step, per instance count.
         model.train()
-        batch = [{"image": image, "instances": _gt(h, w, args.instances, device)}]
+        rows = []
+        for n in a.counts:
+            batch = [{"image": image, "instances": gt_instances(h, w, n, a.device)}]
+            tgt, step = [], []
+            for i in range(a.runs + 1):
+                t = Timer(a.device)
+                train_stages(model, batch, t, a.amp)
+                if i:
+                    tgt.append(t.times["targets"])
+                    step.append(sum(t.times.values()))
+            rows.append({"instances": n, "targets": _summary(tgt), "step": _summary(step),
+                         "share": statistics.median(tgt) / statistics.median(step)})
+        result["rows"] = rows
+        print(json.dumps(result))
+        return
 
-        def step():
-            model.zero_grad(set_to_none=True)
-            losses = model(batch)
-            sum(losses.values()).backward()
+    if a.mode == "train":
+        model.train()
+        batch = [{"image": image, "instances": gt_instances(h, w, a.instances, a.device)}]
+
+        def step(t):
+            train_stages(model, batch, t, a.amp)
 
     else:
         model.eval()
-        _force_candidates(model)
+        force_candidates(model)
         batch = [{"image": image}]
 
-        def step():
-            with torch.inference_mode():
-                return model(batch)[0]["instances"]
+        def step(t):
+            ctx = torch.autocast("cuda") if a.amp else nullcontext()
+            with torch.inference_mode(), ctx:
+                result["outputs"] = infer_stages(model, batch, t)
 
-    sync()
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
         before = _rss_mb()
-    times, outputs = [], None
-    for i in range(args.runs + 1):
-        sync()
-        t0 = time.perf_counter()
-        out = step()
-        sync()
-        if i > 0:
-            times.append(time.perf_counter() - t0)
-        if args.mode == "infer":
-            outputs = len(out)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "mode": args.mode,
-                "size": [h, w],
-                "device": device,
-                "threads": args.threads,
-                "median_s": statistics.median(times),
-                "min_s": min(times),
-                "max_s": max(times),
-                "runs": len(times),
-                "mem_before_mb": round(before, 1),
-                "peak_mb": round(peak, 1),
-                "peak_rise_mb": round(peak - before, 1),
-                "outputs": outputs,
-            }
-        )
-    )
+    stages = {}
+    totals = []
+    for i in range(a.runs + 1):
+        t = Timer(a.device)
+        step(t)
+        if i:
+            totals.append(sum(t.times.values()))
+            for k, v in t.times.items():
+                stages.setdefault(k, []).append(v)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result.update(_summary(totals))
+    result["runs"] = len(totals)
+    result["stages"] = {k: _summary(v) for k, v in stages.items()}
+    result["mem_before_mb"] = round(before, 1)
+    result["peak_mb"] = round(peak, 1)
+    result["peak_rise_mb"] = round(peak - before, 1)
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def run_worker(model, mode, a):
+    size = a.size or MODELS[model][1]
+    cmd = [
+        sys.executable, __file__, "_worker", "--model", model, "--mode", mode,
+        "--size", str(size[0]), str(size[1]), "--runs", str(a.runs), "--threads", str(a.threads),
+        "--instances", str(a.instances), "--device", a.device,
+        "--counts", *[str(c) for c in a.counts],
+    ] + (["--amp"] if a.amp else [])
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark of {model} ({mode}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ms(x):
+    return f"{x * 1000:8.1f}"
+
+
+def report(r):
+    size = f"{r['size'][0]}x{r['size'][1]}"
+    if r["mode"] == "targets":
+        for row in r["rows"]:
+            print(f"{r['model']:20s} targets {size}  {row['instances']:4d} instances: "
+                  f"targets {_ms(row['targets']['median_s'])} ms  step {_ms(row['step']['median_s'])} ms  "
+                  f"share {100 * row['share']:5.1f}%", flush=True)
+        return
+    stages = "  ".join(f"{k} {_ms(v['median_s']).strip()}" for k, v in r["stages"].items())
+    print(f"{r['model']:20s} {r['mode']:6s} {size}  median {_ms(r['median_s'])} ms "
+          f"(min {_ms(r['min_s']).strip()}, max {_ms(r['max_s']).strip()}, n={r['runs']})  "
+          f"peak {r['peak_mb']:8.1f} MB (rise {r['peak_rise_mb']:.1f})  [{stages}]"
+          + (f"  outputs {r['outputs']}" if "outputs" in r else ""), flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
-    p.add_argument("--size", nargs=2, type=int, default=None, help="H W (default: each model's reference size)")
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("what", choices=["memory", "latency", "train", "targets", "all", "_worker"])
+    p.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
+    p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"))
+    p.add_argument("--runs", type=int, default=None, help="timed runs after one warm-up")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--instances", type=int, default=10)
+    p.add_argument("--counts", nargs="+", type=int, default=[1, 10, 50, 200])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--json", default=None, help="also write every result here")
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args._worker:
-        args.size = args.size or MODELS[args.model][1]
-        return worker(args)
+    a = p.parse_args(argv)
+    if a.what == "_worker":
+        a.runs = a.runs or 5
+        return worker(a)
 
+    plan = {
+        "memory": [("train", 5), ("infer", 5)],
+        "latency": [("infer", 10)],
+        "train": [("train", 5)],
+        "targets": [("targets", 5)],
+    }
+    todo = ["train", "latency", "targets"] if a.what == "all" else [a.what]
     results = []
-    for model in args.models:
-        for mode in args.modes:
-            size = args.size or MODELS[model][1]
-            cmd = [
-                sys.executable, __file__, "--_worker", "--model", model, "--mode", mode,
-                "--size", str(size[0]), str(size[1]), "--runs", str(args.runs),
-                "--threads", str(args.threads), "--instances", str(args.instances),
-                "--device", args.device,
-            ]
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                sys.exit(f"benchmark of {model} ({mode}) failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            results.append(r)
-            print(
-                f"{model:22s} {mode:5s} {r['size'][0]}x{r['size'][1]}  median {r['median_s'] * 1000:9.1f} ms "
-                f"(min {r['min_s'] * 1000:.1f}, max {r['max_s'] * 1000:.1f}, n={r['runs']})  "
-                f"peak {r['peak_mb']:8.1f} MB  rise {r['peak_rise_mb']:8.1f} MB",
-                flush=True,
-            )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    for what in todo:
+        models = a.models or (["SOLO"] if what == "targets" else DEFAULT_MODELS)
+        for model in models:
+            for mode, runs in plan[what]:
+                if what == "targets" and model in ("MaskRCNN",):
+                    continue
+                sub = argparse.Namespace(**vars(a))
+                sub.runs = a.runs or runs
+                r = run_worker(model, mode, sub)
+                r["what"] = what
+                results.append(r)
+                report(r)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
     return results
 
 
