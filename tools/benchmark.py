@@ -20,7 +20,7 @@ solo_d2 forms only the masks it needs), and ``MaskRCNN`` (Detectron2's
 How the postprocess load is made realistic with random weights (it would otherwise be empty):
 for SOLO models the category bias is set to 0 and the mask output weights are re-drawn, so every
 cell surviving point NMS is a candidate: ``NMS_PRE`` (500) candidates enter mask formation,
-maskness and Matrix NMS, and ``MAX_PER_IMAGE`` (100) masks are pasted at full resolution. For
+maskness and Matrix NMS, and ``MAX_PER_IMAGE`` (100) masks are pasted at full resolution.
 For Mask R-CNN the class logits get a random per-class bias (N(0, 3^2)), so a few classes pass the
 default 0.05 score threshold for every proposal (at 800x1333: 1000 proposals, about 5,500 boxes
 into per-class NMS, 100 detections to the mask head, 100 masks pasted). Both models thus output up
