@@ -66,6 +66,11 @@ def add_solo_config(cfg):
     # Maximum number of detections per image.
     _C.MODEL.SOLO.MAX_PER_IMAGE = 100
 
+    # Run the backbone (ResNet + FPN) in channels-last memory format: its convolutions run about
+    # 25% faster on CPU (BENCHMARKS.md). The head always sees standard (N, C, H, W) tensors.
+    # Results equal those of the standard layout up to float rounding.
+    _C.MODEL.SOLO.CHANNELS_LAST = True
+
     # Gradient clipping on the L2 norm of *all* parameters together (the reference clips the
     # whole model at 35). Detectron2's own SOLVER.CLIP_GRADIENTS clips each parameter separately;
     # solo_d2's Trainer reads this key instead. 0 disables it.

@@ -184,7 +184,7 @@ def infer_stages(model, batch, t: Timer):
     """Inference of ``batch`` with stage timings; returns the number of output instances."""
     images = t("preprocess", model.preprocess_image, batch)
     if is_solo(model):
-        feats = t("backbone", model.backbone, images.tensor)
+        feats = t("backbone", model.run_backbone, images.tensor)
         cate, mask_feats = t("heads", model.head, [feats[f] for f in model.in_features])
         out = t("postprocess", model.inference_from_outputs, cate, mask_feats, images, batch)
     else:  # Detectron2's GeneralizedRCNN.inference, split the same way
@@ -213,7 +213,7 @@ def train_stages(model, batch, t: Timer, amp=False):
             images = model.preprocess_image(batch)
 
             def forward():
-                feats = model.backbone(images.tensor)
+                feats = model.run_backbone(images.tensor)
                 return model.head([feats[f] for f in model.in_features])
 
             cate, mask_feats = t("forward", forward)

@@ -58,6 +58,7 @@ class SOLO(nn.Module):
         nms_sigma: float = 2.0,
         update_thresh: float = 0.05,
         max_per_image: int = 100,
+        channels_last: bool = False,
     ):
         """
         Args:
@@ -66,6 +67,7 @@ class SOLO(nn.Module):
             in_features: backbone features fed to the head, finest first.
             scale_ranges: (lo, hi) per level, see ``MODEL.SOLO.SCALE_RANGES``.
             pixel_mean, pixel_std: per-channel normalisation of the input image.
+            channels_last: run the backbone in channels-last memory format.
             Others: see :mod:`solo_d2.config`.
         """
         super().__init__()
@@ -98,6 +100,9 @@ class SOLO(nn.Module):
         self.loss_mask_weight = loss_mask_weight
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -134,6 +139,7 @@ class SOLO(nn.Module):
             "nms_sigma": sc.NMS_SIGMA,
             "update_thresh": sc.UPDATE_THRESH_TEST,
             "max_per_image": sc.MAX_PER_IMAGE,
+            "channels_last": sc.CHANNELS_LAST,
         }
 
     @property
@@ -142,7 +148,7 @@ class SOLO(nn.Module):
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
+        features = self.run_backbone(images.tensor)
         cate_logits, mask_feats = self.head([features[f] for f in self.in_features])
         if self.training:
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
@@ -151,6 +157,13 @@ class SOLO(nn.Module):
             )
             return self.losses(cate_logits, mask_feats, targets)
         return self.inference_from_outputs(cate_logits, mask_feats, images, batched_inputs)
+
+    def run_backbone(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Backbone + FPN on the (N, 3, H, W) batch; returns standard-layout feature maps."""
+        if not self.channels_last:
+            return self.backbone(x)
+        features = self.backbone(x.contiguous(memory_format=torch.channels_last))
+        return {k: v.contiguous() for k, v in features.items()}
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
         """Normalise, pad (to the backbone's size divisibility) and batch the images."""
