@@ -143,3 +143,23 @@ def test_many_instances_match_a_brute_force_assignment():
             expected_labels[b][has] = gts[b].gt_classes[owner[b][has]]
         assert torch.equal(t[level].labels, expected_labels), f"level {level}"
         assert t[level].num_pos == int((owner >= 0).sum())
+
+
+@pytest.mark.parametrize("canvas,size", [((128, 160), (32, 40)), ((128, 160), (16, 20)), ((96, 64), (6, 4)), ((64, 64), (16, 21))])
+def test_mask_resize_equals_bilinear_interpolation(canvas, size):
+    # The strided 2x2 rule (even integer strides) and the float fallback (stride 64/21) must
+    # both equal: paste on the zero canvas, bilinear resize (align_corners=False), >= 0.5.
+    import torch.nn.functional as F
+
+    from solo_d2.modeling.targets import _resize_masks
+
+    g = torch.Generator().manual_seed(0)
+    h, w = canvas[0] - 7, canvas[1] - 3  # an image smaller than the canvas, odd sizes
+    masks = torch.rand(6, h, w, generator=g) > 0.5
+    masks[0] = False
+    masks[1] = True
+    masks[2, 10:40, 5:30] = True
+    padded = torch.zeros(6, 1, *canvas)
+    padded[:, 0, :h, :w] = masks.float()
+    expected = F.interpolate(padded, size=size, mode="bilinear", align_corners=False)[:, 0] >= 0.5
+    assert torch.equal(_resize_masks(masks, canvas, size), expected)

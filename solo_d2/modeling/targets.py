@@ -54,7 +54,7 @@ class LevelTargets:
 
 
 def _gt_bitmasks(inst: Instances, canvas: Tuple[int, int]) -> torch.Tensor:
-    """(I, Hc, Wc) bool masks of one image's instances, pasted top-left on the padded canvas."""
+    """(I, h, w) bool masks of one image's instances (image size, not padded)."""
     gt = inst.gt_masks
     h, w = inst.image_size
     if isinstance(gt, PolygonMasks):
@@ -63,10 +63,15 @@ def _gt_bitmasks(inst: Instances, canvas: Tuple[int, int]) -> torch.Tensor:
         gt = gt.tensor
     if gt.dim() != 3:
         raise ValueError(f"gt_masks must be (I, H, W), got shape {tuple(gt.shape)}")
-    out = torch.zeros((gt.shape[0], *canvas), dtype=torch.bool, device=gt.device)
-    mh, mw = min(gt.shape[1], canvas[0]), min(gt.shape[2], canvas[1])
-    out[:, :mh, :mw] = gt[:, :mh, :mw].bool()
-    return out
+    if gt.shape[1] > canvas[0] or gt.shape[2] > canvas[1]:
+        raise ValueError(f"gt_masks of size {tuple(gt.shape[1:])} exceed the batch canvas {canvas}")
+    return gt.bool()
+
+
+def _row_col_sums(masks: torch.Tensor):
+    """(I, h) and (I, w) int32 foreground counts per row and per column (one pass each)."""
+    u8 = masks.view(torch.uint8) if masks.dtype == torch.bool else masks.to(torch.uint8)
+    return u8.sum(dim=2, dtype=torch.int32), u8.sum(dim=1, dtype=torch.int32)
 
 
 class SOLOTargetGenerator:
@@ -109,49 +114,46 @@ class SOLOTargetGenerator:
         if len(mask_sizes) != len(self.num_grids):
             raise ValueError(f"got {len(mask_sizes)} mask sizes for {len(self.num_grids)} levels")
         device = gt_instances[0].gt_classes.device if gt_instances else torch.device("cpu")
-        num_images = len(gt_instances)
-        hc, wc = canvas_size
 
         # ---- all instances of the batch, in annotation order within each image ----
-        masks, classes, boxes, img_of = [], [], [], []
+        # Per-instance geometry comes from per-row and per-column counts of the (unpadded)
+        # masks: area, mass centre (float64: index sums of large masks exceed float32) and,
+        # when boxes are absent, extents.
+        masks, classes, boxes, img_of, area, cy, cx, bw, bh = [], [], [], [], [], [], [], [], []
         for b, inst in enumerate(gt_instances):
             if len(inst) == 0:
                 continue
-            masks.append(_gt_bitmasks(inst, canvas_size))
+            m = _gt_bitmasks(inst, canvas_size)
+            rows, cols = _row_col_sums(m)
+            a = rows.sum(dim=1).to(torch.float64)
+            ys = torch.arange(m.shape[1], device=device, dtype=torch.float64)
+            xs = torch.arange(m.shape[2], device=device, dtype=torch.float64)
+            masks.append(m)
+            area.append(a)
+            cy.append(rows.to(torch.float64) @ ys / a.clamp(min=1))
+            cx.append(cols.to(torch.float64) @ xs / a.clamp(min=1))
+            if inst.has("gt_boxes"):
+                box = inst.gt_boxes.tensor.to(torch.float32)
+                bw.append(box[:, 2] - box[:, 0])
+                bh.append(box[:, 3] - box[:, 1])
+            else:  # from the masks, Detectron2's convention (x1 = last column + 1)
+                bw.append(_extent(cols > 0))
+                bh.append(_extent(rows > 0))
             classes.append(inst.gt_classes.to(torch.int64))
-            boxes.append(inst.gt_boxes.tensor if inst.has("gt_boxes") else None)
             img_of.append(torch.full((len(inst),), b, dtype=torch.int64, device=device))
-        if masks:
-            masks = torch.cat(masks)
-            classes = torch.cat(classes)
-            img_of = torch.cat(img_of)
-        else:
-            masks = torch.zeros((0, hc, wc), dtype=torch.bool, device=device)
-            classes = torch.zeros(0, dtype=torch.int64, device=device)
-            img_of = torch.zeros(0, dtype=torch.int64, device=device)
+
+        def cat(xs, dtype):
+            return torch.cat(xs).to(dtype) if xs else torch.zeros(0, dtype=dtype, device=device)
+
+        classes, img_of = cat(classes, torch.int64), cat(img_of, torch.int64)
+        area, cy, cx = cat(area, torch.float64), cat(cy, torch.float32), cat(cx, torch.float32)
+        bw, bh = cat(bw, torch.float32), cat(bh, torch.float32)
         bad = classes[(classes < 0) | (classes >= self.num_classes)]
         if bad.numel():
             raise ValueError(
                 f"GT class id {int(bad[0])} is outside 0..{self.num_classes - 1}: "
                 f"MODEL.SOLO.NUM_CLASSES = {self.num_classes} disagrees with the dataset"
             )
-
-        # ---- per-instance geometry: area, mass centre, box size ----
-        rows = masks.any(dim=2)
-        cols = masks.any(dim=1)
-        area = masks.sum(dim=(1, 2)).to(torch.float32)
-        # float64: index sums of large masks exceed float32's exact range.
-        ys = torch.arange(hc, device=device, dtype=torch.float64)
-        xs = torch.arange(wc, device=device, dtype=torch.float64)
-        denom = area.to(torch.float64).clamp(min=1)
-        cy = ((masks.sum(dim=2).to(torch.float64) @ ys) / denom).to(torch.float32)
-        cx = ((masks.sum(dim=1).to(torch.float64) @ xs) / denom).to(torch.float32)
-        if boxes and all(b is not None for b in boxes):
-            box = torch.cat(boxes).to(torch.float32)
-            bw, bh = box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]
-        else:  # from the masks, Detectron2's convention (x1 = last column + 1)
-            bw = _extent(cols)
-            bh = _extent(rows)
         scale = (bw * bh).clamp(min=0).sqrt()
         valid = area > 0
 
@@ -162,14 +164,18 @@ class SOLOTargetGenerator:
             on_level = valid & (scale >= lo) & (scale <= hi)
             targets.append(
                 self._level_targets(
-                    s, (mh, mw), on_level, masks, classes, img_of, cx, cy, bw, bh, num_images
+                    s, (mh, mw), on_level, masks, classes, img_of, cx, cy, bw, bh, canvas_size,
+                    len(gt_instances),
                 )
             )
         return targets
 
-    def _level_targets(self, s, mask_size, on_level, masks, classes, img_of, cx, cy, bw, bh, n):
-        device = masks.device
-        hc, wc = masks.shape[-2:]
+    def _level_targets(
+        self, s, mask_size, on_level, masks, classes, img_of, cx, cy, bw, bh, canvas, n
+    ):
+        """``masks``: one (I_b, h_b, w_b) bool tensor per image that has instances; n images."""
+        device = classes.device
+        hc, wc = canvas
         idx = on_level.nonzero().squeeze(1)  # instances of this level, in annotation order
         # Centre cell and centre region (in cells), clipped to one cell around the centre.
         ci = (cy[idx] * s / hc).floor().long().clamp(0, s - 1)
@@ -201,13 +207,20 @@ class SOLOTargetGenerator:
 
         flat = has.nonzero().squeeze(1)  # sorted by (image, cell)
         owners = owner[flat]
-        used, pos_inst = torch.unique(owners, return_inverse=True)
+        used, pos_inst = torch.unique(owners, return_inverse=True)  # sorted: grouped by image
+        resized = [torch.zeros((0, *mask_size), dtype=torch.bool, device=device)]
+        start = 0
+        for m in masks:  # per image: its used instances, resized from the canvas
+            local = used[(used >= start) & (used < start + m.shape[0])] - start
+            if local.numel():
+                resized.append(_resize_masks(m[local], canvas, mask_size))
+            start += m.shape[0]
         return LevelTargets(
             labels=labels.view(n, s, s),
             pos_img=flat // (s * s),
             pos_cell=flat % (s * s),
             pos_inst=pos_inst.view(-1),
-            masks=_resize_masks(masks[used], mask_size),
+            masks=torch.cat(resized),
         )
 
 
@@ -220,13 +233,40 @@ def _extent(any_mask: torch.Tensor) -> torch.Tensor:
     return (last + 1 - first).clamp(min=0).to(torch.float32)
 
 
-def _resize_masks(masks: torch.Tensor, size: Tuple[int, int], chunk: int = 32) -> torch.Tensor:
-    """Resize (U, Hc, Wc) bool masks to (U, *size) bool: bilinear, then >= 0.5 (in chunks)."""
-    if masks.shape[0] == 0:
-        return torch.zeros((0, *size), dtype=torch.bool, device=masks.device)
-    out = [
-        F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-        >= 0.5
-        for m in masks.split(chunk)
-    ]
+def _resize_masks(
+    masks: torch.Tensor, canvas: Tuple[int, int], size: Tuple[int, int], chunk: int = 32
+) -> torch.Tensor:
+    """Masks pasted top-left on a zero canvas, resized bilinearly to ``size``, then >= 0.5.
+
+    Args:
+        masks: (U, h, w) bool, h <= Hc and w <= Wc.
+        canvas: (Hc, Wc).
+        size: (H, W) output size.
+    Returns:
+        (U, H, W) bool.
+
+    When the canvas is an even integer multiple s of the output size (the usual case: strides
+    4, 8, 16), bilinear resampling (align_corners=False) samples exactly half-way between input
+    pixels s/2 - 1 and s/2 of each block in both directions, so each output is the mean of a 2x2
+    pixel block and ">= 0.5" means "at least 2 of those 4 pixels are set": computed exactly from
+    four strided slices, without float copies. Otherwise the masks are interpolated as floats.
+    """
+    (hc, wc), (oh, ow) = canvas, size
+    u = masks.shape[0]
+    if u == 0:
+        return torch.zeros((0, oh, ow), dtype=torch.bool, device=masks.device)
+    sh, sw = hc // oh, wc // ow
+    if hc == sh * oh and wc == sw * ow and sh % 2 == 0 and sw % 2 == 0:
+        u8 = masks.view(torch.uint8)
+        count = torch.zeros((u, oh, ow), dtype=torch.uint8, device=masks.device)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                part = u8[:, sh // 2 - 1 + dy :: sh, sw // 2 - 1 + dx :: sw]
+                count[:, : part.shape[1], : part.shape[2]] += part
+        return count >= 2
+    out = []
+    for m in masks.split(chunk):
+        padded = torch.zeros((m.shape[0], 1, hc, wc), dtype=torch.float32, device=m.device)
+        padded[:, 0, : m.shape[1], : m.shape[2]] = m
+        out.append(F.interpolate(padded, size=size, mode="bilinear", align_corners=False)[:, 0] >= 0.5)
     return torch.cat(out)
