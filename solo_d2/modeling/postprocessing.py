@@ -151,14 +151,19 @@ class SOLOPostProcessor:
             row, cls = row[top], cls[top]
         levels, cells = level_of[row], cell_of[row]
 
-        # Their soft masks, at the finest mask resolution, in candidate order.
-        soft = scores.new_zeros((scores.numel(), *mask_size))
-        for level in torch.unique(levels).tolist():
-            sel = (levels == level).nonzero().squeeze(1)
-            m = mask_fn(level, cells[sel])
+        # Their soft masks, at the finest mask resolution, grouped by level (a stable sort keeps
+        # the score order within a level), concatenated without a scatter.
+        by_level = levels.sort(stable=True).indices
+        scores, cls, levels, cells = scores[by_level], cls[by_level], levels[by_level], cells[by_level]
+        parts = [scores.new_zeros((0, *mask_size))]
+        start = 0
+        for level, count in zip(*[x.tolist() for x in torch.unique_consecutive(levels, return_counts=True)]):
+            m = mask_fn(level, cells[start : start + count]).float()
             if m.shape[-2:] != tuple(mask_size):
                 m = F.interpolate(m[:, None], size=mask_size, mode="bilinear")[:, 0]
-            soft[sel] = m.float()
+            parts.append(m)
+            start += count
+        soft = torch.cat(parts)
         binary = soft > self.mask_thresh
         area = binary.sum(dim=(1, 2)).to(scores.dtype)
         strides = torch.as_tensor(self.strides, device=device, dtype=scores.dtype)[levels]
@@ -167,11 +172,11 @@ class SOLOPostProcessor:
 
         # Indices into the candidates are composed; the big mask tensors are gathered once.
         idx = (area > strides).nonzero().squeeze(1)
-        idx = idx[scores[idx].argsort(descending=True)]
+        idx = idx[scores[idx].sort(descending=True, stable=True).indices]
         scores, cls = scores[idx], cls[idx]
         scores = matrix_nms(binary[idx], cls, scores, self.nms_kernel, self.nms_sigma)
         keep = (scores >= self.update_thresh).nonzero().squeeze(1)
-        scores, order = scores[keep].sort(descending=True)
+        scores, order = scores[keep].sort(descending=True, stable=True)
         order = keep[order[: self.max_per_image]]
         scores, cls, soft = scores[: self.max_per_image], cls[order], soft[idx[order]]
 
