@@ -61,3 +61,19 @@ def test_add_solo_config_is_idempotent_and_local():
     solo_d2.add_solo_config(cfg)
     assert cfg.MODEL.SOLO.NUM_CLASSES == 3
     assert "SOLO" not in get_cfg().MODEL  # Detectron2's global defaults are untouched
+
+
+def test_flop_count_traces_the_model():
+    # Detectron2's FlopCountAnalysis traces the model with the JIT tracer (also what export
+    # tools do): the whole inference path, postprocess included, must be traceable.
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "analyze_model.py"), "--config-file",
+         str(REPO / "configs" / "tests" / "SOLO_tiny.yaml"), "--size", "128", "128",
+         "--num-inputs", "1", "--tasks", "flop"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "GFLOPs at 128x128" in proc.stdout

@@ -5,7 +5,15 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-__all__ = ["coord_features", "DeformConv3x3", "masks_to_boxes"]
+__all__ = ["coord_features", "DeformConv3x3", "masks_to_boxes", "as_uint8"]
+
+
+def as_uint8(masks: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 without a copy (reductions over uint8 are much faster than over
+    bool on CPU); a copy while tracing, since the JIT tracer cannot record dtype views."""
+    if masks.dtype == torch.bool and not torch.jit.is_tracing():
+        return masks.view(torch.uint8)
+    return masks.to(torch.uint8)
 
 
 def coord_features(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +71,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     n, h, w = masks.shape
     if n == 0:
         return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
-    u8 = masks.view(torch.uint8)  # amax over uint8 is ~7x faster than any() over bool on CPU
+    u8 = as_uint8(masks)  # amax over uint8 is ~7x faster than any() over bool on CPU
     cols = u8.amax(dim=1) > 0  # (N, W)
     rows = u8.amax(dim=2) > 0  # (N, H)
     xs = torch.arange(w, device=masks.device)
