@@ -5,20 +5,59 @@
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
     python train_net.py --config-file CONFIG --resume          # continue from OUTPUT_DIR
 
+Your own COCO-format dataset (checked up front, registered as ``custom_train`` / ``custom_val``;
+DATASETS.TRAIN / TEST and MODEL.SOLO.NUM_CLASSES are set from it):
+
+    python train_net.py --config-file configs/Shapes/SOLO_R18_shapes.yaml \\
+        --train-json train.json --train-images images/ --val-json val.json --val-images images/
+
 On a CPU-only machine MODEL.DEVICE falls back to cpu and ``--num-gpus N`` runs N gloo processes.
 """
-from detectron2.checkpoint import DetectionCheckpointer
+import os
+
 from detectron2.engine import default_argument_parser, launch
 
 import solo_d2  # noqa: F401  (registers the SOLO meta-architecture and datasets)
+from solo_d2.checkpoint import UNSAFE_LOAD_ENV, SafeDetectionCheckpointer
+from solo_d2.data.coco_json import register_custom_datasets
 from solo_d2.trainer import Trainer, setup_cfg
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    group = parser.add_argument_group(
+        "custom dataset",
+        "a COCO-format instance-segmentation dataset; registered as custom_train / custom_val, "
+        "which become DATASETS.TRAIN / DATASETS.TEST; MODEL.SOLO.NUM_CLASSES is set from the "
+        "json's categories (options given after them on the command line still win)",
+    )
+    group.add_argument("--train-json", metavar="FILE", help="COCO json of the training set")
+    group.add_argument("--train-images", metavar="DIR",
+                       help="folder of the training images (default: the json's folder)")
+    group.add_argument("--val-json", metavar="FILE", help="COCO json of the validation set")
+    group.add_argument("--val-images", metavar="DIR",
+                       help="folder of the validation images (default: the json's folder)")
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="allow checkpoints (MODEL.WEIGHTS, --resume) that need arbitrary unpickling, which can "
+        "run code: only for files you trust (default: weights-only loading; such files are refused)",
+    )
+    return parser
+
+
 def main(args):
-    cfg = setup_cfg(args)
+    # Registration happens here, in every process that launch() starts.
+    custom_opts = register_custom_datasets(
+        train_json=getattr(args, "train_json", None),
+        train_images=getattr(args, "train_images", None),
+        val_json=getattr(args, "val_json", None),
+        val_images=getattr(args, "val_images", None),
+    )
+    cfg = setup_cfg(args, extra_opts=custom_opts)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
@@ -28,7 +67,13 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    parser = argument_parser()
+    args = parser.parse_args()
+    for kind in ("train", "val"):
+        if getattr(args, f"{kind}_images") and not getattr(args, f"{kind}_json"):
+            parser.error(f"--{kind}-images needs --{kind}-json")
+    if args.unsafe_load:
+        os.environ[UNSAFE_LOAD_ENV] = "1"  # inherited by the processes that launch() starts
     print("Command Line Args:", args)
     launch(
         main,

@@ -7,8 +7,9 @@ lazily on first use). Add the config keys with :func:`add_solo_config`.
 from . import modeling  # noqa: F401  (registers META_ARCH "SOLO" and the heads)
 from .config import add_solo_config
 from .data import register_shapes_datasets
+from .predictor import SOLOPredictor
 
 register_shapes_datasets()  # shapes_train / shapes_val; nothing is generated until first use
 
-__all__ = ["add_solo_config", "modeling"]
+__all__ = ["add_solo_config", "modeling", "SOLOPredictor", "register_shapes_datasets"]
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """Training and evaluation with Detectron2's engine: ``Trainer`` and ``setup_cfg``.
 
-``Trainer`` is Detectron2's ``DefaultTrainer`` with four differences:
+``Trainer`` is Detectron2's ``DefaultTrainer`` with these differences:
 
 - on CPU, the DDP wrapper gets ``device_ids=None`` (Detectron2 passes the local rank, which only
   works on GPUs), so ``--num-gpus N`` runs N gloo processes on a CPU-only machine; on GPUs it
@@ -8,30 +8,53 @@
 - ``SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM`` clips the L2 norm of all gradients together, as the
   reference does (Detectron2's own clipping works per parameter);
 - the evaluator is COCO's, for both ``segm`` and ``bbox``;
-- ``MODEL.SOLO.NUM_CLASSES`` is checked against the training data once it is loaded.
+- ``MODEL.SOLO.NUM_CLASSES`` is checked against the training data once it is loaded;
+- the data loaders' mapper names the image file in its errors (a truncated or unreadable image
+  fails with its path, not with a bare PIL error);
+- checkpoints are written atomically and loaded with ``weights_only=True``
+  (:class:`solo_d2.checkpoint.SafeDetectionCheckpointer`);
+- ``--resume`` also continues the data order where it stopped: the training sampler
+  (:class:`solo_d2.checkpoint.ResumableTrainingSampler`, seeded with ``SEED`` when it is >= 0) and
+  the number of images consumed are saved in every checkpoint (:class:`DataOrderHook`);
+- a NaN/inf loss stops training *before* the optimizer step, on every rank, with a
+  ``FloatingPointError`` naming the loss term(s), the rank and the iteration.
 """
 import logging
+import math
 import os
 import weakref
 
+import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data.build import _train_loader_from_config
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
-from detectron2.engine.train_loop import TrainerBase
+from detectron2.engine.train_loop import HookBase, TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoint import ResumableTrainingSampler, SafeDetectionCheckpointer
 from .config import add_solo_config
+from .data.mapper import FileNamingDatasetMapper
 from .modeling.meta_arch import check_num_classes
 
-__all__ = ["Trainer", "setup_cfg", "create_ddp_model", "add_full_model_gradient_clipping"]
+__all__ = [
+    "Trainer",
+    "setup_cfg",
+    "create_ddp_model",
+    "add_full_model_gradient_clipping",
+    "DataOrderHook",
+]
 
 logger = logging.getLogger(__name__)
+# Under "detectron2" so that the messages reach Detectron2's log handlers (stdout, log.txt).
+_d2_logger = logging.getLogger("detectron2.solo_d2.trainer")
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
@@ -59,6 +82,114 @@ def add_full_model_gradient_clipping(optimizer_cls, max_norm: float):
     return FullModelGradientClippingOptimizer
 
 
+def _check_and_write_metrics(loss_dict, data_time: float, cur_iter: int, prefix: str = "") -> None:
+    """``SimpleTrainer.write_metrics`` that all-gathers the losses (instead of gathering them on
+    rank 0) so that every rank sees a non-finite loss and raises, naming the term and the rank."""
+    metrics_dict = {k: v.detach().cpu().item() for k, v in loss_dict.items()}
+    metrics_dict["data_time"] = data_time
+    storage = get_event_storage()
+    storage.put_scalar("rank_data_time", data_time, cur_iter=cur_iter)
+    all_metrics = comm.all_gather(metrics_dict)
+    bad = [
+        (rank, k, v)
+        for rank, m in enumerate(all_metrics)
+        for k, v in m.items()
+        if k != "data_time" and not math.isfinite(v)
+    ]
+    if bad:
+        terms = ", ".join(
+            f"{k} = {v}" + (f" (rank {rank})" if len(all_metrics) > 1 else "") for rank, k, v in bad
+        )
+        losses = {k: v for k, v in metrics_dict.items() if k != "data_time"}
+        raise FloatingPointError(
+            f"Loss became infinite or NaN at iteration {cur_iter} (iteration={cur_iter}): {terms}. "
+            f"All losses on this rank: {losses}. Training stopped before the optimizer step, so "
+            f"the last checkpoint in OUTPUT_DIR is intact; lower SOLVER.BASE_LR, enable gradient "
+            f"clipping or check the data, then continue with --resume."
+        )
+    if comm.is_main_process():
+        data_time = np.max([x.pop("data_time") for x in all_metrics])
+        storage.put_scalar("data_time", data_time, cur_iter=cur_iter)
+        metrics_dict = {k: np.mean([x[k] for x in all_metrics]) for k in all_metrics[0].keys()}
+        storage.put_scalar("{}total_loss".format(prefix), sum(metrics_dict.values()), cur_iter=cur_iter)
+        if len(metrics_dict) > 1:
+            storage.put_scalars(cur_iter=cur_iter, **metrics_dict)
+
+
+class _FiniteLossMixin:
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        iter = self.iter if iter is None else iter
+        if (iter + 1) % self.gather_metric_period == 0:
+            try:
+                _check_and_write_metrics(loss_dict, data_time, iter, prefix)
+            except FloatingPointError:
+                raise
+            except Exception:
+                _d2_logger.exception("Exception in writing metrics: ")
+                raise
+
+
+class CheckedSimpleTrainer(_FiniteLossMixin, SimpleTrainer):
+    """``SimpleTrainer`` that stops on a non-finite loss on every rank."""
+
+
+class CheckedAMPTrainer(_FiniteLossMixin, AMPTrainer):
+    """``AMPTrainer`` that stops on a non-finite loss on every rank."""
+
+
+class DataOrderHook(HookBase):
+    """Saves the training sampler's seed and the number of images consumed so far in every
+    checkpoint (trainer state ``hooks/DataOrderHook``) and, on resume, makes the sampler continue
+    its stream at that position. Registered first, so its ``after_step`` runs before the
+    checkpointer's.
+
+    Exact when the loader yields the sampler's stream in order: always with
+    ``DATALOADER.ASPECT_RATIO_GROUPING False`` or images of one orientation; with grouping and
+    mixed portrait / landscape images, the grouping buffers reorder the stream by a few images, so
+    the batches right after a resume may differ slightly from an uninterrupted run's. Any number
+    of data-loader workers and of processes (before and after the resume) is fine.
+    """
+
+    def __init__(self, sampler: ResumableTrainingSampler, images_per_batch: int):
+        self.sampler = sampler
+        self.images_per_batch = int(images_per_batch)
+        self.consumed = 0
+        self._restored = False
+
+    def before_train(self):
+        if not self._restored:
+            # No saved position (fresh run, or a checkpoint written without this hook): derive it.
+            self.consumed = self.trainer.start_iter * self.images_per_batch
+            if self.trainer.start_iter > 0:
+                _d2_logger.warning(
+                    "The checkpoint has no saved data order: the sampler continues at "
+                    f"{self.consumed} images = iteration {self.trainer.start_iter} x "
+                    f"IMS_PER_BATCH {self.images_per_batch}, with seed {self.sampler.seed}"
+                )
+        self.sampler.set_start(self.consumed)
+        if self.consumed:
+            _d2_logger.info(
+                f"Data order: continuing the training sampler stream at image {self.consumed}"
+            )
+
+    def after_step(self):
+        self.consumed += self.images_per_batch
+
+    def state_dict(self):
+        return {"seed": self.sampler.seed, "consumed": self.consumed, "dataset_size": self.sampler._size}
+
+    def load_state_dict(self, state_dict):
+        if state_dict.get("dataset_size") != self.sampler._size:
+            _d2_logger.warning(
+                f"The training set has {self.sampler._size} images but had "
+                f"{state_dict.get('dataset_size')} when the checkpoint was written: the data order "
+                "cannot continue exactly"
+            )
+        self.consumed = int(state_dict["consumed"])
+        self.sampler.set_start(self.consumed, seed=state_dict["seed"])
+        self._restored = True
+
+
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         # DefaultTrainer.__init__, with solo_d2's create_ddp_model (device_ids=None on CPU).
@@ -69,12 +200,14 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # The resumable sampler, when build_train_loader made one (SAMPLER_TRAIN TrainingSampler).
+        self._train_sampler = getattr(data_loader, "solo_resumable_sampler", None)
         model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+        self._trainer = (CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else CheckedSimpleTrainer)(
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -93,11 +226,40 @@ class Trainer(DefaultTrainer):
             optimizer.__class__ = add_full_model_gradient_clipping(optimizer.__class__, max_norm)
         return optimizer
 
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if self._train_sampler is not None:
+            ret.insert(0, DataOrderHook(self._train_sampler, self.cfg.SOLVER.IMS_PER_BATCH))
+        else:
+            _d2_logger.warning(
+                f"DATALOADER.SAMPLER_TRAIN = {self.cfg.DATALOADER.SAMPLER_TRAIN!r}: on --resume the "
+                "data order restarts from the beginning of the sampler stream"
+            )
+        return ret
+
     @classmethod
     def build_train_loader(cls, cfg):
-        loader = super().build_train_loader(cfg)  # loads the datasets (sets their metadata)
+        """Detectron2's train loader with the file-naming mapper and, for ``SAMPLER_TRAIN =
+        "TrainingSampler"``, a :class:`ResumableTrainingSampler` seeded with ``SEED`` (when >= 0;
+        else with a random seed shared by the ranks, like Detectron2). That sampler is the
+        loader's ``solo_resumable_sampler`` attribute."""
+        # Loading the datasets sets their metadata (thing_classes).
+        kwargs = _train_loader_from_config(cfg, mapper=FileNamingDatasetMapper(cfg, True))
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        sampler = None
+        if type(kwargs["sampler"]) is TrainingSampler:
+            seed = int(cfg.SEED) if cfg.SEED >= 0 else comm.shared_random_seed()
+            sampler = kwargs["sampler"] = ResumableTrainingSampler(len(kwargs["dataset"]), seed=seed)
+        loader = build_detection_train_loader(**kwargs)
+        if sampler is not None:
+            loader.solo_resumable_sampler = sampler
         return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=FileNamingDatasetMapper(cfg, False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -108,13 +270,15 @@ class Trainer(DefaultTrainer):
         )
 
 
-def setup_cfg(args):
+def setup_cfg(args, extra_opts=()):
     """Build the frozen cfg of a ``train_net.py`` run: Detectron2 defaults + solo_d2's keys +
-    ``--config-file`` + ``opts``; falls back to the CPU (with a warning) when CUDA is absent."""
+    ``--config-file`` + ``extra_opts`` (e.g. the custom datasets' options) + ``args.opts``;
+    falls back to the CPU (with a warning) when CUDA is absent."""
     cfg = get_cfg()
     add_solo_config(cfg)
     if args.config_file:
         cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(extra_opts))
     cfg.merge_from_list(args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger(__name__).warning("CUDA is not available: MODEL.DEVICE set to cpu")

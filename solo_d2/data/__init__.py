@@ -2,7 +2,8 @@
 
 Importing this package generates nothing and registers nothing; call
 :func:`register_shapes_datasets` to register ``shapes_train`` / ``shapes_val`` (generated lazily,
-on the first ``DatasetCatalog.get``). The names below are loaded from :mod:`solo_d2.data.shapes`
+on the first ``DatasetCatalog.get``). Custom COCO-format datasets: :mod:`solo_d2.data.coco_json`
+(``validate_coco_json``, ``register_custom_coco``). The names below are loaded from :mod:`solo_d2.data.shapes`
 on first access (PEP 562), so that ``python -m solo_d2.data.shapes`` does not import the module
 twice.
 """

@@ -166,16 +166,58 @@ class SOLO(nn.Module):
         return {k: v.contiguous() for k, v in features.items()}
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
-        """Normalise, pad (to the backbone's size divisibility) and batch the images."""
+        """Check, normalise, pad (to the backbone's size divisibility) and batch the images.
+
+        Every input is checked and a bad one raises ``TypeError`` / ``ValueError`` naming
+        ``batched_inputs[i]``: ``image`` must be a (3, H, W) uint8 or floating tensor with
+        H, W >= 1 (``SOLOPredictor`` converts grayscale / RGBA / 16-bit arrays); a floating image
+        must be finite (no NaN/inf) and is taken as 0..255 pixel values; ``height`` / ``width``,
+        when given, must be positive; in training, ``instances`` is required.
+        """
+        if not isinstance(batched_inputs, (list, tuple)) or len(batched_inputs) == 0:
+            got = type(batched_inputs).__name__
+            raise TypeError(
+                "SOLO expects a non-empty list of dicts (one per image), got "
+                + (f"an empty {got}" if isinstance(batched_inputs, (list, tuple)) else got)
+            )
         images = []
         for i, x in enumerate(batched_inputs):
+            where = f"batched_inputs[{i}]"
+            if not isinstance(x, dict) or "image" not in x:
+                keys = f" with keys {sorted(x)}" if isinstance(x, dict) else ""
+                raise TypeError(
+                    f"{where} must be a dict with an 'image' tensor, got {type(x).__name__}{keys}"
+                )
             img = x["image"]
-            if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
-                shape = tuple(img.shape) if hasattr(img, "shape") else type(img).__name__
-                raise ValueError(f"batched_inputs[{i}]['image'] must be a (3, H, W) tensor, got {shape}")
+            if not isinstance(img, torch.Tensor):
+                raise TypeError(
+                    f"{where}['image'] must be a torch.Tensor (3, H, W), got {type(img).__name__}"
+                )
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(
+                    f"{where}['image'] must be a (3, H, W) tensor, got shape {tuple(img.shape)}"
+                )
             if img.shape[1] == 0 or img.shape[2] == 0:
-                raise ValueError(f"batched_inputs[{i}]['image'] is empty: shape {tuple(img.shape)}")
-            images.append((img.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std)
+                raise ValueError(f"{where}['image'] is empty: shape {tuple(img.shape)}")
+            if img.dtype != torch.uint8 and not img.is_floating_point():
+                raise TypeError(
+                    f"{where}['image'] has dtype {img.dtype}: expected uint8 or a floating dtype "
+                    "with 0..255 pixel values"
+                )
+            for key in ("height", "width"):
+                if key in x and not int(x[key]) > 0:
+                    raise ValueError(
+                        f"{where}['{key}'] (requested output size) must be positive, got {x[key]}"
+                    )
+            if self.training and "instances" not in x:
+                raise ValueError(f"{where} has no 'instances': training needs the ground truth")
+            img = img.to(self.device, torch.float32)
+            if x["image"].is_floating_point() and not bool(torch.isfinite(img).all()):
+                bad = int((~torch.isfinite(img)).sum())
+                raise ValueError(
+                    f"{where}['image'] has {bad} non-finite (NaN or inf) pixel values"
+                )
+            images.append((img - self.pixel_mean) / self.pixel_std)
         return ImageList.from_tensors(
             images,
             self.backbone.size_divisibility,

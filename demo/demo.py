@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Run a trained SOLO / Decoupled SOLO model on images, a video or a webcam and draw its
+predictions with Detectron2's Visualizer (the Detectron2 ``demo/demo.py``, for solo_d2).
+
+    python demo/demo.py --config-file configs/Shapes/SOLO_R18_shapes.yaml \\
+        --input img1.png 'more/*.jpg' --output out/ --opts MODEL.WEIGHTS output/demo/model_final.pth
+    python demo/demo.py --config-file CONFIG --video-input in.mp4 --output out.mp4 --opts MODEL.WEIGHTS W
+    python demo/demo.py --config-file CONFIG --webcam --opts MODEL.WEIGHTS W
+
+Class names come from the metadata of ``cfg.DATASETS.TEST[0]``. Without ``--output`` the drawings
+are shown in a window (press Esc to stop).
+"""
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+
+import cv2
+import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+import solo_d2  # noqa: E402,F401  (registers the SOLO meta-architecture and the shapes datasets)
+from solo_d2.visualize import VisualizationDemo, read_image_bgr, setup_demo_cfg  # noqa: E402
+
+WINDOW_NAME = "solo_d2"
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="solo_d2 demo: draw SOLO predictions")
+    parser.add_argument("--config-file", default="configs/Shapes/SOLO_R18_shapes.yaml",
+                        metavar="FILE", help="path to a config file")
+    parser.add_argument("--webcam", action="store_true", help="take inputs from the webcam")
+    parser.add_argument("--video-input", help="path to a video file")
+    parser.add_argument("--input", nargs="+",
+                        help="image files or glob patterns, e.g. 'images/*.jpg'")
+    parser.add_argument("--output",
+                        help="a file or a folder to save the drawings to (a folder when there "
+                             "are several inputs); without it they are shown in a window")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5,
+                        help="minimum score of the instances drawn (default 0.5)")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                        help="config options as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
+    return parser
+
+
+def expand_inputs(patterns):
+    """File paths from file names and glob patterns; raise naming a pattern that matches nothing."""
+    paths = []
+    for p in patterns:
+        if glob.has_magic(p):
+            matches = sorted(glob.glob(os.path.expanduser(p)))
+            if not matches:
+                raise FileNotFoundError(f"{p}: no file matches this pattern")
+            paths.extend(matches)
+        else:
+            paths.append(p)
+    return paths
+
+
+def output_path(output, path, num_inputs):
+    """Where the drawing of ``path`` goes: inside ``output`` if it is (or must be) a folder."""
+    if os.path.isdir(output) or num_inputs > 1 or output.endswith(os.sep):
+        os.makedirs(output, exist_ok=True)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return os.path.join(output, stem + ".png")
+    parent = os.path.dirname(output)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    return output
+
+
+def run_images(demo, paths, output, logger):
+    for path in tqdm.tqdm(paths, disable=not output):
+        image = read_image_bgr(path)  # raises naming the file
+        start = time.time()
+        predictions, vis_rgb = demo.run_on_image(image)
+        instances = predictions["instances"]
+        shown = int((instances.scores >= demo.confidence_threshold).sum())
+        logger.info(f"{path}: {len(instances)} instances, {shown} drawn, "
+                    f"{time.time() - start:.2f}s")
+        vis_bgr = cv2.cvtColor(vis_rgb, cv2.COLOR_RGB2BGR)
+        if output:
+            out = output_path(output, path, len(paths))
+            if not cv2.imwrite(out, vis_bgr):
+                raise OSError(f"{out}: cannot write the image")
+        else:
+            cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+            cv2.imshow(WINDOW_NAME, vis_bgr)
+            if cv2.waitKey(0) == 27:
+                break  # esc to quit
+
+
+def run_video(demo, source, output, name):
+    video = cv2.VideoCapture(source)
+    if not video.isOpened():
+        raise OSError(f"{name}: cannot open this video")
+    width = int(video.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    fps = video.get(cv2.CAP_PROP_FPS) or 30.0
+    frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
+    writer = None
+    if output:
+        if os.path.isdir(output):
+            stem = os.path.splitext(os.path.basename(str(name)))[0]
+            output = os.path.join(output, stem + ".mp4")
+        writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*"mp4v"), float(fps),
+                                 (width, height), True)
+        if not writer.isOpened():
+            raise OSError(f"{output}: cannot write a video here")
+    try:
+        for vis in tqdm.tqdm(demo.run_on_video(video), total=frames if frames > 0 else None):
+            if writer is not None:
+                writer.write(vis)
+            else:
+                cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+                cv2.imshow(WINDOW_NAME, vis)
+                if cv2.waitKey(1) == 27:
+                    break  # esc to quit
+    finally:
+        video.release()
+        if writer is not None:
+            writer.release()
+        else:
+            cv2.destroyAllWindows()
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="fvcore")
+    logger = setup_logger()
+    logger.info("Arguments: " + str(args))
+    sources = sum(bool(x) for x in (args.input, args.webcam, args.video_input))
+    if sources != 1:
+        get_parser().error("give exactly one of --input, --video-input, --webcam")
+    if args.webcam and args.output:
+        get_parser().error("--output is not supported with --webcam")
+    paths = expand_inputs(args.input) if args.input else []
+    for p in paths:  # fail before building the model
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: no such image file")
+    if args.video_input and not os.path.isfile(args.video_input):
+        raise FileNotFoundError(f"{args.video_input}: no such video file")
+
+    cfg = setup_demo_cfg(args.config_file, args.opts, args.confidence_threshold)
+    demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+    if paths:
+        run_images(demo, paths, args.output, logger)
+    elif args.webcam:
+        run_video(demo, 0, None, "webcam")
+    else:
+        run_video(demo, args.video_input, args.output, args.video_input)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (OSError, ValueError) as e:  # unreadable inputs: one clear line, no traceback
+        print(f"demo.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,160 @@
+"""demo/demo.py draws predictions of a (random) model on images; the shapes demo configs build;
+solo_d2.visualize draws ground truth beside predictions."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import solo_d2
+from conftest import REPO, TINY_CONFIG, make_image
+from solo_d2.visualize import setup_demo_cfg, side_by_side, visualize_dataset
+
+SHAPES_CONFIGS = ["configs/Shapes/SOLO_R18_shapes.yaml", "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"]
+# Random weights, and thresholds low enough that the random model predicts something.
+RANDOM_MODEL_OPTS = ["MODEL.WEIGHTS", "", "MODEL.SOLO.MASK_THRESH_TEST", "0.0", "MODEL.SOLO.MAX_PER_IMAGE", "5"]
+
+
+def _load_demo_module():
+    spec = importlib.util.spec_from_file_location("solo_demo", REPO / "demo" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo_module():
+    return _load_demo_module()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(128, 128), (96, 160)]):
+        img, _ = make_image(rng, h=h, w=w, min_size=16, max_size=48)
+        path = root / f"img{i}.png"
+        cv2.imwrite(str(path), img)
+        paths.append(path)
+    return paths
+
+
+def test_demo_writes_a_png_of_the_input_size(demo_module, images, tmp_path):
+    out = tmp_path / "vis.png"
+    argv = ["--config-file", TINY_CONFIG, "--input", str(images[0]), "--output", str(out),
+            "--confidence-threshold", "0", "--opts", *RANDOM_MODEL_OPTS]
+    assert demo_module.main(argv) == 0
+    vis = cv2.imread(str(out))
+    assert vis is not None and vis.shape == (128, 128, 3)
+    # Something was drawn: the drawing differs from the input image.
+    assert np.abs(vis.astype(int) - cv2.imread(str(images[0])).astype(int)).sum() > 0
+
+
+def test_demo_glob_to_a_folder(demo_module, images, tmp_path):
+    out = tmp_path / "out"
+    pattern = str(images[0].parent / "img*.png")
+    argv = ["--config-file", TINY_CONFIG, "--input", pattern, "--output", str(out),
+            "--confidence-threshold", "0", "--opts", *RANDOM_MODEL_OPTS]
+    assert demo_module.main(argv) == 0
+    shapes = {p: cv2.imread(str(out / p)).shape for p in sorted(os.listdir(out))}
+    assert shapes == {"img0.png": (128, 128, 3), "img1.png": (96, 160, 3)}
+
+
+def test_demo_names_an_unreadable_input(demo_module, tmp_path):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(ValueError, match="not_an_image.png"):
+        demo_module.main(["--config-file", TINY_CONFIG, "--input", str(bad), "--output",
+                          str(tmp_path / "o.png"), "--opts", *RANDOM_MODEL_OPTS])
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        demo_module.main(["--config-file", TINY_CONFIG, "--input", str(tmp_path / "missing.png")])
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        demo_module.main(["--config-file", TINY_CONFIG, "--input", str(tmp_path / "nothing_here*.jpg")])
+
+
+def test_demo_command_line_error_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "demo" / "demo.py"), "--config-file", TINY_CONFIG,
+         "--input", str(tmp_path / "missing.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "missing.png" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_video(demo_module, tmp_path):
+    video = tmp_path / "in.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (128, 96))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write mp4v videos")
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        writer.write(make_image(rng, h=96, w=128)[0])
+    writer.release()
+    out = tmp_path / "out.mp4"
+    argv = ["--config-file", TINY_CONFIG, "--video-input", str(video), "--output", str(out),
+            "--confidence-threshold", "0", "--opts", *RANDOM_MODEL_OPTS]
+    assert demo_module.main(argv) == 0
+    cap = cv2.VideoCapture(str(out))
+    frames = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        assert frame.shape == (96, 128, 3)
+        frames += 1
+    assert frames == 3
+
+
+def test_confidence_threshold_lowers_the_model_thresholds():
+    cfg = setup_demo_cfg(TINY_CONFIG, ["MODEL.DEVICE", "cpu"], confidence_threshold=0.02)
+    assert cfg.MODEL.SOLO.SCORE_THRESH_TEST == 0.02 and cfg.MODEL.SOLO.UPDATE_THRESH_TEST == 0.02
+    cfg = setup_demo_cfg(TINY_CONFIG, [], confidence_threshold=0.9)
+    assert cfg.MODEL.SOLO.SCORE_THRESH_TEST == 0.1 and cfg.MODEL.SOLO.UPDATE_THRESH_TEST == 0.05
+    assert cfg.MODEL.DEVICE == "cpu"  # no CUDA here: falls back
+
+
+def test_visualize_dataset_side_by_side(tiny_dataset, tmp_path):
+    cfg = setup_demo_cfg(TINY_CONFIG, ["DATASETS.TEST", f"('{tiny_dataset}',)", *RANDOM_MODEL_OPTS], 0.0)
+    paths = visualize_dataset(cfg, tiny_dataset, str(tmp_path / "vis"), num_images=2, confidence_threshold=0.0, scale=1.0)
+    assert len(paths) == 2
+    for p in paths:
+        vis = cv2.imread(p)
+        assert vis.shape == (128 + 28, 128 * 2 + 8, 3)  # title strip; GT | gap | prediction
+    assert side_by_side([np.zeros((4, 5, 3), np.uint8), np.zeros((6, 2, 3), np.uint8)], gap=1).shape == (6, 8, 3)
+
+
+@pytest.mark.parametrize("path", SHAPES_CONFIGS)
+def test_shapes_demo_configs(path):
+    cfg = get_cfg()
+    solo_d2.add_solo_config(cfg)
+    cfg.merge_from_file(str(REPO / path))
+    cfg.MODEL.DEVICE = "cpu"
+    assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.DATASETS.TEST == ("shapes_val",)
+    assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.RESNETS.DEPTH == 18
+    assert cfg.MODEL.RESNETS.NORM == "GN" and cfg.MODEL.FPN.NORM == "GN"
+    assert cfg.MODEL.SOLO.NUM_CLASSES == len(solo_d2.data.SHAPES_CLASSES)
+    assert cfg.SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM > 0
+    assert cfg.DATALOADER.NUM_WORKERS <= 2
+    model = build_model(cfg)
+    assert type(model.head).__name__ == cfg.MODEL.SOLO.HEAD_TYPE
+
+
+def test_decoupled_shapes_config_differs_only_in_the_head():
+    cfgs = []
+    for path in SHAPES_CONFIGS:
+        cfg = get_cfg()
+        solo_d2.add_solo_config(cfg)
+        cfg.merge_from_file(str(REPO / path))
+        cfgs.append(cfg)
+    solo, decoupled = cfgs
+    assert decoupled.MODEL.SOLO.HEAD_TYPE == "DecoupledSOLOHead" and solo.MODEL.SOLO.HEAD_TYPE == "SOLOHead"
+    decoupled.MODEL.SOLO.HEAD_TYPE = "SOLOHead"
+    decoupled.OUTPUT_DIR = solo.OUTPUT_DIR
+    assert decoupled == solo
