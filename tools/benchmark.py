@@ -112,9 +112,12 @@ def calibrate_frozen_bn(model, image):
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
                if isinstance(m, FrozenBatchNorm2d)]
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         images = model.preprocess_image([{"image": image}])
         model.backbone(images.tensor)
+    model.train(was_training)
     for h in handles:
         h.remove()
 
