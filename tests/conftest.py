@@ -20,6 +20,17 @@ CLASSES = ["rect", "ellipse", "triangle", "cross"]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """1 torch thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``): on a
+    shared 2-core machine, 2 OpenMP threads competing with other processes made a training step
+    10-20x slower (measured 2-5 s vs 0.2-0.3 s); results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_cfg(head_type="SOLOHead", **overrides):
     """The tiny test config on CPU; ``overrides`` are flat KEY=VALUE pairs ("MODEL.SOLO.X")."""
     cfg = get_cfg()

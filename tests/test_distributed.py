@@ -39,14 +39,7 @@ BATCH = 2  # total; 1 image per rank with 2 processes
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """1 thread: on a shared 2-core machine, 2 OpenMP threads competing with other processes make a
-    training step 10-20x slower (measured 2-5 s vs 0.2-0.3 s); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _free_port():

@@ -19,14 +19,7 @@ LOW = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """1 thread: on a shared 2-core machine, 2 OpenMP threads competing with other processes make a
-    training step 10-20x slower (measured 2-5 s vs 0.2-0.3 s); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
