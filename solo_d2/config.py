@@ -66,8 +66,8 @@ def add_solo_config(cfg):
     # Maximum number of detections per image.
     _C.MODEL.SOLO.MAX_PER_IMAGE = 100
 
-    # Run the backbone (ResNet + FPN) in channels-last memory format: its convolutions run about
-    # 25% faster on CPU (BENCHMARKS.md). The head always sees standard (N, C, H, W) tensors.
+    # Run the backbone (ResNet + FPN) in channels-last memory format: faster convolutions on CPU
+    # (R-50-FPN at 800x1333: 1.93 s against 2.86 s in the default layout, BENCHMARKS.md). The head always sees standard (N, C, H, W) tensors.
     # Results equal those of the standard layout up to float rounding.
     _C.MODEL.SOLO.CHANNELS_LAST = True
 

@@ -71,7 +71,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     n, h, w = masks.shape
     if n == 0:
         return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
-    u8 = as_uint8(masks)  # amax over uint8 is ~7x faster than any() over bool on CPU
+    u8 = as_uint8(masks)  # amax over uint8 is much faster than any() over bool on CPU
     cols = u8.amax(dim=1) > 0  # (N, W)
     rows = u8.amax(dim=2) > 0  # (N, H)
     xs = torch.arange(w, device=masks.device)
