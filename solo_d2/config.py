@@ -42,6 +42,11 @@ def add_solo_config(cfg):
     _C.MODEL.SOLO.NUM_DEFORMABLE_CONVS = 0
     # Prior probability used to initialise the biases of the final category and mask convs.
     _C.MODEL.SOLO.PRIOR_PROB = 0.01
+    # Prior probability for the biases of the final mask conv(s) alone; 0 means PRIOR_PROB (the
+    # reference). Decoupled SOLO multiplies two of them, so with the reference 0.01 on X and on Y
+    # a cell's mask starts at 1e-4 and its gradients are ~100x smaller than vanilla SOLO's:
+    # 0.1 (= sqrt(0.01)) starts its masks where vanilla SOLO's start.
+    _C.MODEL.SOLO.MASK_PRIOR_PROB = 0.0
 
     # Losses: L = LOSS_CATE_WEIGHT * focal + LOSS_MASK_WEIGHT * dice.
     _C.MODEL.SOLO.LOSS_CATE_WEIGHT = 1.0
@@ -75,4 +80,11 @@ def add_solo_config(cfg):
     # whole model at 35). Detectron2's own SOLVER.CLIP_GRADIENTS clips each parameter separately;
     # solo_d2's Trainer reads this key instead. 0 disables it.
     _C.SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM = 0.0
+    # Optimizer built by solo_d2's Trainer: "SGD" (Detectron2's, with SOLVER.MOMENTUM and
+    # SOLVER.NESTEROV; the reference's) or "ADAMW" (torch.optim.AdamW with SOLVER.BETAS).
+    # Both use BASE_LR, WEIGHT_DECAY, WEIGHT_DECAY_NORM, BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS.
+    # AdamW trains small models from scratch much faster (the shapes demo).
+    _C.SOLVER.OPTIMIZER = "SGD"
+    # AdamW's (beta1, beta2); unused by SGD.
+    _C.SOLVER.BETAS = (0.9, 0.999)
     return cfg

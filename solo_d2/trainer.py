@@ -34,6 +34,7 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default
 from detectron2.engine.train_loop import HookBase, TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver import build_optimizer as d2_build_optimizer
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
@@ -215,7 +216,30 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        optimizer = d2_build_optimizer(cfg, model)
+        """Detectron2's SGD (``SOLVER.OPTIMIZER = "SGD"``) or AdamW (``"ADAMW"``), with the same
+        per-parameter groups (weight decay of norms and biases, bias LR factor), plus whole-model
+        gradient clipping when ``SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM > 0``."""
+        name = cfg.SOLVER.OPTIMIZER.upper()
+        if name == "SGD":
+            optimizer = d2_build_optimizer(cfg, model)
+        elif name == "ADAMW":
+            params = get_default_optimizer_params(
+                model,
+                base_lr=cfg.SOLVER.BASE_LR,
+                weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+                bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+                weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+            )
+            optimizer = maybe_add_gradient_clipping(cfg, torch.optim.AdamW(
+                params,
+                lr=cfg.SOLVER.BASE_LR,
+                betas=tuple(cfg.SOLVER.BETAS),
+                weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            ))
+        else:
+            raise ValueError(
+                f"SOLVER.OPTIMIZER = {cfg.SOLVER.OPTIMIZER!r}: expected 'SGD' or 'ADAMW'"
+            )
         max_norm = cfg.SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM
         if max_norm > 0:
             if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:

@@ -48,6 +48,7 @@ def test_reference_defaults():
     assert (s.UPDATE_THRESH_TEST, s.MAX_PER_IMAGE, s.NMS_KERNEL) == (0.05, 100, "gaussian")
     assert cfg.SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM == 35.0 and cfg.SOLVER.BASE_LR == 0.01
     assert cfg.INPUT.MASK_FORMAT == "bitmask" and cfg.MODEL.MASK_ON
+    assert cfg.SOLVER.OPTIMIZER == "SGD" and (s.PRIOR_PROB, s.MASK_PRIOR_PROB) == (0.01, 0.0)
     light = _load("configs/COCO-InstanceSegmentation/DecoupledSOLO_Light_DCN_R50_3x.yaml")
     assert light.MODEL.SOLO.NUM_STACKED_CONVS == 4 and light.MODEL.SOLO.NUM_DEFORMABLE_CONVS == 1
     assert light.INPUT.MIN_SIZE_TEST == 512 and light.INPUT.MAX_SIZE_TEST == 852

@@ -144,9 +144,12 @@ def test_shapes_demo_configs(path):
     assert cfg.DATALOADER.NUM_WORKERS <= 2
     model = build_model(cfg)
     assert type(model.head).__name__ == cfg.MODEL.SOLO.HEAD_TYPE
+    # The half-width ResNet-18 (res2..res5: 32..256 channels).
+    res = model.backbone.bottom_up
+    assert [res._out_feature_channels[f"res{i}"] for i in (2, 3, 4, 5)] == [32, 64, 128, 256]
 
 
-def test_decoupled_shapes_config_differs_only_in_the_head():
+def test_decoupled_shapes_config_differs_only_in_the_head_and_its_prior():
     cfgs = []
     for path in SHAPES_CONFIGS:
         cfg = get_cfg()
@@ -155,6 +158,8 @@ def test_decoupled_shapes_config_differs_only_in_the_head():
         cfgs.append(cfg)
     solo, decoupled = cfgs
     assert decoupled.MODEL.SOLO.HEAD_TYPE == "DecoupledSOLOHead" and solo.MODEL.SOLO.HEAD_TYPE == "SOLOHead"
+    assert decoupled.MODEL.SOLO.MASK_PRIOR_PROB == 0.1 and solo.MODEL.SOLO.MASK_PRIOR_PROB == 0.0
     decoupled.MODEL.SOLO.HEAD_TYPE = "SOLOHead"
+    decoupled.MODEL.SOLO.MASK_PRIOR_PROB = 0.0
     decoupled.OUTPUT_DIR = solo.OUTPUT_DIR
     assert decoupled == solo

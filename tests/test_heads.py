@@ -92,3 +92,26 @@ def test_deformable_tower_forward_backward():
     assert not isinstance(head.mask_tower[0], DeformConv3x3) and isinstance(head.mask_tower[-3], DeformConv3x3)
     assert all(w.grad is not None and torch.isfinite(w.grad).all() for w in offsets)
     assert any(w.grad.abs().sum() > 0 for w in offsets)
+
+
+def test_mask_prior_prob_sets_only_the_mask_output_bias():
+    # Decoupled SOLO with MASK_PRIOR_PROB 0.1: X and Y start at 0.1, so a cell's mask starts at
+    # 0.1 * 0.1 = 0.01, where vanilla SOLO's masks start; the category prior is unchanged.
+    head = DecoupledSOLOHead(
+        num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=32, num_stacked_convs=1,
+        prior_prob=0.01, mask_prior_prob=0.1,
+    )
+    assert torch.allclose(head.cate_pred.bias, torch.full((4,), -math.log(99)))
+    for conv in head._mask_output_convs():
+        assert torch.allclose(conv.bias, torch.full_like(conv.bias, -math.log(9)))
+    _, mask_feats = head(features())
+    probs = head.full_mask_probs(mask_feats[0], 0)
+    # Weights N(0, 0.01) add a little noise around the bias.
+    assert abs(probs.mean().item() - 0.01) < 1e-3
+    assert 0.005 < probs.min().item() and probs.max().item() < 0.02
+
+
+@pytest.mark.parametrize("key, value", [("prior_prob", 0.0), ("prior_prob", 1.0), ("mask_prior_prob", 1.5)])
+def test_bad_prior_names_the_key(key, value):
+    with pytest.raises(ValueError, match=key.upper()):
+        SOLOHead(num_classes=4, in_channels=64, num_grids=GRIDS, **{key: value})

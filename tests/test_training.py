@@ -70,6 +70,36 @@ def test_full_model_gradient_clipping():
     assert torch.allclose(p.data, torch.tensor([-0.6, 0.0])) and torch.allclose(q.data, torch.tensor([-0.8]))
 
 
+@pytest.mark.parametrize("name, cls", [("SGD", torch.optim.SGD), ("ADAMW", torch.optim.AdamW), ("adamw", torch.optim.AdamW)])
+def test_build_optimizer_sgd_or_adamw_with_full_model_clipping(name, cls):
+    cfg = tiny_cfg()
+    cfg.SOLVER.OPTIMIZER = name
+    cfg.SOLVER.BETAS = (0.8, 0.9)
+    cfg.SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM = 1.0
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.GroupNorm(1, 2))
+    opt = Trainer.build_optimizer(cfg, model)
+    assert isinstance(opt, cls) and type(opt).__name__.endswith("WithFullModelClipping")
+    assert opt.defaults["lr"] == cfg.SOLVER.BASE_LR
+    if cls is torch.optim.AdamW:
+        assert opt.defaults["betas"] == (0.8, 0.9)
+    # Detectron2's parameter groups: no weight decay on the GroupNorm (WEIGHT_DECAY_NORM 0).
+    norm_groups = [g for g in opt.param_groups if any(p is model[1].weight for p in g["params"])]
+    assert norm_groups and norm_groups[0]["weight_decay"] == cfg.SOLVER.WEIGHT_DECAY_NORM
+    # One clipped step: all gradients together scaled to norm 1 before the update.
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_unknown_optimizer_names_the_key():
+    cfg = tiny_cfg()
+    cfg.SOLVER.OPTIMIZER = "LAMB"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER = 'LAMB'"):
+        Trainer.build_optimizer(cfg, torch.nn.Linear(2, 2))
+
+
 def _train_net(args, tmp_path, timeout=600):
     env = dict(os.environ, SOLO_D2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", TINY_CONFIG, *args]

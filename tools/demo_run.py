@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""``make demo``: generate the shapes dataset, train SOLO on it from scratch with train_net.py,
-evaluate (COCO mask AP on shapes_val) and draw ground truth beside predictions.
+"""``make demo``: generate the shapes dataset, train Decoupled SOLO on it from scratch with
+train_net.py, evaluate (COCO mask AP on shapes_val) and draw ground truth beside predictions.
 
     python tools/demo_run.py                      # what `make demo` runs
     python tools/demo_run.py --skip-training      # only draw, with OUTPUT/model_final.pth
-    python tools/demo_run.py --config-file configs/Shapes/DecoupledSOLO_R18_shapes.yaml \\
-        --output output/demo_decoupled --opts SOLVER.MAX_ITER 500
+    python tools/demo_run.py --config-file configs/Shapes/SOLO_R18_shapes.yaml \\
+        --output output/demo_solo --opts SOLVER.MAX_ITER 500   # vanilla SOLO
 
 Everything goes to ``--output`` (default ``output/demo``): train_net.py's log and metrics, the
 model ``model_final.pth``, the evaluation and ``vis/*.png``.
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DEFAULT_CONFIG = "configs/Shapes/SOLO_R18_shapes.yaml"
+DEFAULT_CONFIG = "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"
 
 
 def banner(text):

@@ -1,4 +1,6 @@
-"""SOLO modeling: importing this registers the ``SOLO`` meta-architecture and the SOLO heads."""
+"""SOLO modeling: importing this registers the ``SOLO`` meta-architecture, the SOLO heads and the
+narrow ResNet-FPN backbone."""
+from .backbone import build_narrow_resnet_backbone, build_narrow_resnet_fpn_backbone
 from .heads import SOLO_HEAD_REGISTRY, DecoupledSOLOHead, SOLOHead, build_solo_head
 from .meta_arch import SOLO
 from .postprocessing import SOLOPostProcessor, matrix_nms, point_nms
@@ -15,4 +17,6 @@ __all__ = [
     "SOLOPostProcessor",
     "matrix_nms",
     "point_nms",
+    "build_narrow_resnet_backbone",
+    "build_narrow_resnet_fpn_backbone",
 ]

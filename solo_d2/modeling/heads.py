@@ -88,6 +88,7 @@ class SOLOHead(nn.Module):
         norm: str = "GN",
         num_deformable_convs: int = 0,
         prior_prob: float = 0.01,
+        mask_prior_prob: float = 0.0,
     ):
         """
         Args:
@@ -99,7 +100,11 @@ class SOLOHead(nn.Module):
             norm: tower normalisation ("GN", "" for none, or a detectron2 ``get_norm`` name).
             num_deformable_convs: how many of each tower's convs, counted from the last, are
                 deformable (the reference light DCN model: 1).
-            prior_prob: initial foreground probability of the category and mask outputs.
+            prior_prob: initial foreground probability of the category output (and of the mask
+                outputs unless ``mask_prior_prob`` is given).
+            mask_prior_prob: initial foreground probability of each mask output conv (for
+                Decoupled SOLO: of X and of Y, so a cell's mask starts at its square);
+                0 means ``prior_prob`` (the reference).
         """
         super().__init__()
         self.num_classes = num_classes
@@ -118,7 +123,10 @@ class SOLOHead(nn.Module):
         self.cate_pred = nn.Conv2d(conv_channels, num_classes, kernel_size=3, padding=1)
         self.mask_preds = self._build_mask_outputs(conv_channels)
 
-        bias = -math.log((1 - prior_prob) / prior_prob)
+        for name, p in (("PRIOR_PROB", prior_prob), ("MASK_PRIOR_PROB", mask_prior_prob)):
+            if not (0.0 < p < 1.0 or (name == "MASK_PRIOR_PROB" and p == 0.0)):
+                raise ValueError(f"MODEL.SOLO.{name} = {p} must be in (0, 1)")
+        mask_prior_prob = mask_prior_prob or prior_prob
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
@@ -130,8 +138,9 @@ class SOLOHead(nn.Module):
                     nn.init.constant_(m.bias, 0)
                 nn.init.zeros_(m.conv_offset.weight)
                 nn.init.zeros_(m.conv_offset.bias)
-        for m in [self.cate_pred, *self._mask_output_convs()]:
-            nn.init.constant_(m.bias, bias)
+        nn.init.constant_(self.cate_pred.bias, -math.log((1 - prior_prob) / prior_prob))
+        for m in self._mask_output_convs():
+            nn.init.constant_(m.bias, -math.log((1 - mask_prior_prob) / mask_prior_prob))
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -149,6 +158,7 @@ class SOLOHead(nn.Module):
             "norm": cfg.MODEL.SOLO.NORM,
             "num_deformable_convs": cfg.MODEL.SOLO.NUM_DEFORMABLE_CONVS,
             "prior_prob": cfg.MODEL.SOLO.PRIOR_PROB,
+            "mask_prior_prob": cfg.MODEL.SOLO.MASK_PRIOR_PROB,
         }
 
     # ---- the part that differs between head types -------------------------------------------
