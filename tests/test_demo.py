@@ -1,6 +1,7 @@
 """demo/demo.py draws predictions of a (random) model on images; the shapes demo configs build;
 solo_d2.visualize draws ground truth beside predictions."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -163,3 +164,35 @@ def test_decoupled_shapes_config_differs_only_in_the_head_and_its_prior():
     decoupled.MODEL.SOLO.MASK_PRIOR_PROB = 0.0
     decoupled.OUTPUT_DIR = solo.OUTPUT_DIR
     assert decoupled == solo
+
+
+def test_ap_breakdown_separates_classification_from_masks(tmp_path, capsys):
+    # Two images, one square each; the "model" finds both masks exactly but calls the second
+    # square a circle: class-agnostic AP 100; with categories, square has recall 1/2 at
+    # precision 1, which COCO's 101-point interpolation scores 51/101 = 50.5 (circle has no GT).
+    import pycocotools.mask as mask_util
+
+    spec = importlib.util.spec_from_file_location("ap_breakdown", REPO / "tools" / "ap_breakdown.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    rle["counts"] = rle["counts"].decode()
+    gt = {
+        "images": [{"id": i, "width": 32, "height": 32, "file_name": f"{i}.png"} for i in (1, 2)],
+        "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}],
+        "annotations": [
+            {"id": i, "image_id": i, "category_id": 2, "segmentation": rle, "area": 256.0,
+             "bbox": [8, 8, 16, 16], "iscrowd": 0} for i in (1, 2)
+        ],
+    }
+    results = [{"image_id": 1, "category_id": 2, "segmentation": rle, "score": 0.9},
+               {"image_id": 2, "category_id": 1, "segmentation": rle, "score": 0.8}]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    assert tool.main([str(tmp_path / "gt.json"), str(tmp_path / "res.json")]) == 0
+    out = capsys.readouterr().out
+    assert "with categories: AP 50.5" in out
+    assert "class-agnostic: AP 100.0" in out
+    assert "square: AP 50.5" in out and "circle: AP nan" in out
