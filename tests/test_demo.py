@@ -137,7 +137,7 @@ def test_shapes_demo_configs(path):
     solo_d2.add_solo_config(cfg)
     cfg.merge_from_file(str(REPO / path))
     cfg.MODEL.DEVICE = "cpu"
-    assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.DATASETS.TEST == ("shapes_val",)
+    assert cfg.DATASETS.TRAIN == ("shapes_train_large",) and cfg.DATASETS.TEST == ("shapes_val",)
     assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.RESNETS.DEPTH == 18
     assert cfg.MODEL.RESNETS.NORM == "GN" and cfg.MODEL.FPN.NORM == "GN"
     assert cfg.MODEL.SOLO.NUM_CLASSES == len(solo_d2.data.SHAPES_CLASSES)

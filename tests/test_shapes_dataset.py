@@ -229,3 +229,18 @@ def test_cli_bad_arguments(tmp_path, capsys):
     assert exc.value.code == 2
     assert "num_images" in capsys.readouterr().err
     assert not (tmp_path / "train.json").exists()
+
+
+def test_default_registration_includes_the_demo_training_split():
+    # Registration only: nothing is generated until DatasetCatalog.get.
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from solo_d2.data.shapes import DEFAULT_SPLITS
+
+    assert {"shapes_train", "shapes_val", "shapes_train_large"} <= set(DatasetCatalog.list())
+    meta = MetadataCatalog.get("shapes_train_large")
+    assert meta.json_file.endswith("train_large.json") and meta.image_root.endswith("train_large")
+    assert meta.thing_classes == SHAPES_CLASSES and meta.evaluator_type == "coco"
+    # Same seed as shapes_train, so its first 300 images are shapes_train's.
+    assert DEFAULT_SPLITS["shapes_train_large"]["seed"] == DEFAULT_SPLITS["shapes_train"]["seed"]
+    assert DEFAULT_SPLITS["shapes_train_large"]["num_images"] == 2400
