@@ -83,7 +83,7 @@ def add_solo_config(cfg):
     # Optimizer built by solo_d2's Trainer: "SGD" (Detectron2's, with SOLVER.MOMENTUM and
     # SOLVER.NESTEROV; the reference's) or "ADAMW" (torch.optim.AdamW with SOLVER.BETAS).
     # Both use BASE_LR, WEIGHT_DECAY, WEIGHT_DECAY_NORM, BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS.
-    # AdamW trains small models from scratch much faster (the shapes demo).
+    # On the shapes demo from scratch, AdamW (LR 1e-3) learned no faster than SGD (BENCHMARKS.md).
     _C.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2); unused by SGD.
     _C.SOLVER.BETAS = (0.9, 0.999)

@@ -55,7 +55,7 @@ DEFAULT_SPLITS = {
     "shapes_val": dict(split="val", num_images=50, seed=1),
     # What the demo configs train on: 2,400 images (the first 300 are shapes_train's). From
     # scratch, 300 images overfit the category branch; 2,400 gave mask AP 15.3 against 12.1
-    # in the same 1,500 iterations (BENCHMARKS.md). About 25 s to generate, 275 MB.
+    # in the same 1,500 iterations (BENCHMARKS.md). About 20 s to generate, 275 MB.
     "shapes_train_large": dict(split="train_large", num_images=2400, seed=0),
 }
 
@@ -411,8 +411,9 @@ def register_shapes_datasets(root=None, splits=None):
         root (str or Path or None): dataset folder; default :func:`default_shapes_root`.
         splits (dict or None): ``{dataset_name: dict(...)}`` of the datasets to register.
             ``None`` registers ``shapes_train`` (300 images, seed 0), ``shapes_val``
-            (50 images, seed 1) and ``shapes_train_large`` (2,400 images, seed 0). Each value may hold ``split`` (folder / json name; default:
-            the name without its ``shapes_`` prefix), ``num_images``, ``seed``, ``image_size``
+            (50 images, seed 1) and ``shapes_train_large`` (2,400 images, seed 0). Each value
+            may hold ``split`` (folder / json name; default: the name without its ``shapes_``
+            prefix), ``num_images``, ``seed``, ``image_size``
             and any :func:`render_shapes_image` keyword; missing keys come from the defaults of
             that name if it is a default name (``num_images`` 300, ``seed`` 0 otherwise).
 
