@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 
 from conftest import tiny_cfg
@@ -22,8 +23,9 @@ def test_forward_shapes(cls):
     head = cls(num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=32, num_stacked_convs=2, norm="GN")
     cate, mask_feats = head(features())
     assert [tuple(c.shape) for c in cate] == [(2, 4, s, s) for s in GRIDS]
-    # Mask strides [4, 4, 8, 16, 16] on a 128 px input.
-    assert [tuple(m.shape) for m in mask_feats] == [(2, 32, h, h) for h in (32, 32, 16, 8, 8)]
+    # Tower outputs at the resized levels' sizes; masks x2: strides [4, 4, 8, 16, 16] at 128 px.
+    assert [tuple(m.shape) for m in mask_feats] == [(2, 32, h, h) for h in (16, 16, 8, 4, 4)]
+    assert [head.mask_size(m) for m in mask_feats] == [(h, h) for h in (32, 32, 16, 8, 8)]
     assert all(c.dtype == torch.float32 for c in cate)
 
 
@@ -72,12 +74,32 @@ def test_decoupled_mask_is_product_of_x_column_and_y_row():
     _, mask_feats = head(features())
     level, s = 1, 10
     i, j = 3, 7  # cell k = i * S + j = 37
-    feat = mask_feats[level]
+    # The reference's order: upsample the tower output x2, then the 1x1 convs.
+    feat = F.interpolate(mask_feats[level], scale_factor=2.0, mode="bilinear")
     x = head.mask_preds[level]["x"](feat)  # (N, S, H, W), channel j = column j
     y = head.mask_preds[level]["y"](feat)  # channel i = row i
     expected = torch.sigmoid(x[1, j]) * torch.sigmoid(y[1, i])
-    got = head.mask_probs(feat, level, torch.tensor([1]), torch.tensor([i * s + j]))[0]
-    assert torch.allclose(got, expected, atol=1e-7)
+    got = head.mask_probs(mask_feats[level], level, torch.tensor([1]), torch.tensor([i * s + j]))[0]
+    assert got.shape == (32, 32)  # level 1: stride 4 on the 128 px input
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_vanilla_masks_equal_the_reference_order_upsample_then_conv():
+    # The head applies the 1x1 output conv before the x2 upsample; both are linear (the upsample's
+    # weights sum to 1), so the masks equal the reference's conv(upsample(tower output)).
+    torch.manual_seed(0)
+    head = SOLOHead(num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=32, num_stacked_convs=1)
+    for p in head.mask_output_parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    _, mask_feats = head(features())
+    level = 2
+    up = F.interpolate(mask_feats[level], scale_factor=2.0, mode="bilinear")
+    expected = head.mask_preds[level](up).sigmoid()  # (N, S^2, 16, 16)
+    img, cell = torch.tensor([0, 1, 1]), torch.tensor([0, 9, 63])
+    got = head.mask_probs(mask_feats[level], level, img, cell)
+    assert got.shape == (3, 16, 16)
+    assert torch.allclose(got, expected[img, cell], atol=1e-6)
+    assert torch.allclose(head.full_mask_probs(mask_feats[level], level), expected, atol=1e-6)
 
 
 def test_deformable_tower_forward_backward():
@@ -115,3 +137,27 @@ def test_mask_prior_prob_sets_only_the_mask_output_bias():
 def test_bad_prior_names_the_key(key, value):
     with pytest.raises(ValueError, match=key.upper()):
         SOLOHead(num_classes=4, in_channels=64, num_grids=GRIDS, **{key: value})
+
+
+def test_msra_tower_init_keeps_output_layers_and_deformable_offsets():
+    torch.manual_seed(0)
+    head = DecoupledSOLOHead(
+        num_classes=4, in_channels=64, num_grids=GRIDS, conv_channels=64, num_stacked_convs=3,
+        num_deformable_convs=1, tower_init="msra",
+    )
+    convs = [m for tower in (head.cate_tower, head.mask_tower) for m in tower if hasattr(m, "weight") and m.weight.dim() == 4]
+    assert len(convs) == 6
+    for conv in convs:  # He init, fan_out = 64 * 9: std sqrt(2 / 576) = 0.059
+        assert abs(conv.weight.std().item() - math.sqrt(2 / 576)) < 0.005
+    offsets = [m.conv_offset for m in head.modules() if isinstance(m, DeformConv3x3)]
+    assert len(offsets) == 2 and all(not o.weight.any() and not o.bias.any() for o in offsets)
+    assert abs(head.cate_pred.weight.std().item() - 0.01) < 0.002  # output layers: N(0, 0.01)
+    assert torch.allclose(head.cate_pred.bias, torch.full((4,), -math.log(99)))
+    # The reference init too: offsets start at zero (a deformable conv starts as a plain one).
+    normal = DecoupledSOLOHead(
+        num_classes=4, in_channels=64, num_grids=GRIDS, num_stacked_convs=2, num_deformable_convs=2
+    )
+    offsets = [m.conv_offset for m in normal.modules() if isinstance(m, DeformConv3x3)]
+    assert len(offsets) == 4 and all(not o.weight.any() and not o.bias.any() for o in offsets)
+    with pytest.raises(ValueError, match="MODEL.SOLO.TOWER_INIT = 'xavier'"):
+        SOLOHead(num_classes=4, in_channels=64, num_grids=GRIDS, tower_init="xavier")

@@ -226,7 +226,7 @@ def train_stages(model, batch, t: Timer, amp=False):
                 model.targets,
                 gts,
                 tuple(images.tensor.shape[-2:]),
-                [m.shape[-2:] for m in mask_feats],
+                [model.head.mask_size(m) for m in mask_feats],
             )
             losses = t("losses", model.losses, cate, mask_feats, targets)
         else:  # Mask R-CNN: target matching happens inside its heads; not separable

@@ -9,10 +9,16 @@ initialisation) and differ only in the mask output layer and in how one cell's m
   Y (indexed by row i); the mask of cell (i, j) is ``sigmoid(X[j]) * sigmoid(Y[i])``.
 
 Heads never materialise all S^2 masks in training or inference: ``forward`` returns the mask
-*features* (the tower output after the x2 upsample) and :meth:`SOLOHead.mask_probs` forms the
-masks of the cells asked for (positive cells in training, candidates at inference). Because the
-1x1 output conv is linear per pixel, this equals running the full conv and then selecting
-channels. :meth:`SOLOHead.full_mask_probs` materialises all S^2 masks, for tests and benchmarks.
+*features* (the mask tower's output) and :meth:`SOLOHead.mask_probs` forms the masks of the cells
+asked for (positive cells in training, candidates at inference). Because the 1x1 output conv is
+linear per pixel, this equals running the full conv and then selecting channels.
+:meth:`SOLOHead.full_mask_probs` materialises all S^2 masks, for tests and benchmarks.
+
+The reference upsamples the tower output x2 and then applies the 1x1 output conv. Bilinear
+upsampling mixes each channel's neighbouring pixels with weights that sum to 1 and the 1x1 conv
+mixes channels at each pixel, so the two commute exactly (bias included): the heads apply the
+output conv at the tower's resolution and upsample its output, a quarter of the pixels. Same
+masks, and the output conv's forward and backward cost a quarter (BENCHMARKS.md).
 """
 import math
 from typing import List, Tuple
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.utils.registry import Registry
+from fvcore.nn import weight_init
 from torch import nn
 
 from .layers import DeformConv3x3, coord_features
@@ -69,12 +76,16 @@ class SOLOHead(nn.Module):
     - output: ``(cate_logits, mask_feats)``
 
       * ``cate_logits[l]``: (N, num_classes, S_l, S_l) float, category logits of each cell.
-      * ``mask_feats[l]``: (N, conv_channels, 2*h_l, 2*w_l) float, the mask tower output after the
-        x2 upsample, where (h_l, w_l) is the size of the resized level (P2 x0.5, last level to the
-        size of the one before), so masks have strides [4, 4, 8, 16, 16] for P2..P6 inputs.
+      * ``mask_feats[l]``: (N, conv_channels, h_l, w_l) float, the mask tower output, where
+        (h_l, w_l) is the size of the resized level (P2 x0.5, last level to the size of the one
+        before).
 
-    :meth:`mask_probs` turns ``mask_feats[l]`` into the soft masks of chosen cells.
+    :meth:`mask_probs` turns ``mask_feats[l]`` into the soft masks of chosen cells, of size
+    :meth:`mask_size` = (2*h_l, 2*w_l): masks have strides [4, 4, 8, 16, 16] for P2..P6 inputs.
     """
+
+    #: masks are this many times larger than the mask tower's output
+    MASK_UPSAMPLE = 2
 
     @configurable
     def __init__(
@@ -89,6 +100,7 @@ class SOLOHead(nn.Module):
         num_deformable_convs: int = 0,
         prior_prob: float = 0.01,
         mask_prior_prob: float = 0.0,
+        tower_init: str = "normal",
     ):
         """
         Args:
@@ -105,6 +117,9 @@ class SOLOHead(nn.Module):
             mask_prior_prob: initial foreground probability of each mask output conv (for
                 Decoupled SOLO: of X and of Y, so a cell's mask starts at its square);
                 0 means ``prior_prob`` (the reference).
+            tower_init: initialisation of the towers' 3x3 convs: "normal" (N(0, 0.01), the
+                reference) or "msra" (He init, Detectron2's ``c2_msra_fill``). The output convs
+                are N(0, 0.01) with the prior biases either way.
         """
         super().__init__()
         self.num_classes = num_classes
@@ -123,6 +138,8 @@ class SOLOHead(nn.Module):
         self.cate_pred = nn.Conv2d(conv_channels, num_classes, kernel_size=3, padding=1)
         self.mask_preds = self._build_mask_outputs(conv_channels)
 
+        if tower_init not in ("normal", "msra"):
+            raise ValueError(f"MODEL.SOLO.TOWER_INIT = {tower_init!r}: expected 'normal' or 'msra'")
         for name, p in (("PRIOR_PROB", prior_prob), ("MASK_PRIOR_PROB", mask_prior_prob)):
             if not (0.0 < p < 1.0 or (name == "MASK_PRIOR_PROB" and p == 0.0)):
                 raise ValueError(f"MODEL.SOLO.{name} = {p} must be in (0, 1)")
@@ -136,8 +153,17 @@ class SOLOHead(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
+        # After the loop, which also visits (and would re-fill) each offset conv: offsets start
+        # at zero, so a deformable conv starts as a plain 3x3 conv.
+        for m in self.modules():
+            if isinstance(m, DeformConv3x3):
                 nn.init.zeros_(m.conv_offset.weight)
                 nn.init.zeros_(m.conv_offset.bias)
+        if tower_init == "msra":
+            # Direct children only: a deformable conv's offset conv stays at zero.
+            for m in list(self.cate_tower) + list(self.mask_tower):
+                if isinstance(m, (nn.Conv2d, DeformConv3x3)):
+                    weight_init.c2_msra_fill(m)
         nn.init.constant_(self.cate_pred.bias, -math.log((1 - prior_prob) / prior_prob))
         for m in self._mask_output_convs():
             nn.init.constant_(m.bias, -math.log((1 - mask_prior_prob) / mask_prior_prob))
@@ -159,6 +185,7 @@ class SOLOHead(nn.Module):
             "num_deformable_convs": cfg.MODEL.SOLO.NUM_DEFORMABLE_CONVS,
             "prior_prob": cfg.MODEL.SOLO.PRIOR_PROB,
             "mask_prior_prob": cfg.MODEL.SOLO.MASK_PRIOR_PROB,
+            "tower_init": cfg.MODEL.SOLO.TOWER_INIT,
         }
 
     # ---- the part that differs between head types -------------------------------------------
@@ -174,12 +201,13 @@ class SOLOHead(nn.Module):
         """Soft masks of chosen cells of one level.
 
         Args:
-            mask_feat: (N, E, H, W) ``mask_feats[level]`` from :meth:`forward`.
+            mask_feat: (N, E, h, w) ``mask_feats[level]`` from :meth:`forward`.
             level: level index.
             img_idx: (K,) int64, image of each chosen cell.
             cell_idx: (K,) int64, cell index k = i * S + j of each chosen cell.
         Returns:
-            (K, H, W) float in [0, 1], row r the mask of cell ``cell_idx[r]`` of image ``img_idx[r]``.
+            (K, 2h, 2w) float in [0, 1], row r the mask of cell ``cell_idx[r]`` of image
+            ``img_idx[r]``.
         """
         conv = self.mask_preds[level]
         n, e, h, w = mask_feat.shape
@@ -191,14 +219,19 @@ class SOLOHead(nn.Module):
             cells = cell_idx[sel]
             logits = torch.addmm(conv.bias[cells, None], weight[cells], mask_feat[b].view(e, -1))
             out = out.index_put((sel,), logits)
-        return out.sigmoid().view(-1, h, w)
+        return _upsample(out.view(-1, 1, h, w))[:, 0].sigmoid()
 
     def full_mask_probs(self, mask_feat: torch.Tensor, level: int) -> torch.Tensor:
-        """All S^2 soft masks of one level: (N, S^2, H, W), channel k = i * S + j.
+        """All S^2 soft masks of one level: (N, S^2, 2h, 2w), channel k = i * S + j.
 
         What reference implementations compute; solo_d2 only uses it in tests and benchmarks.
         """
-        return self.mask_preds[level](mask_feat).sigmoid()
+        return _upsample(self.mask_preds[level](mask_feat)).sigmoid()
+
+    def mask_size(self, mask_feat: torch.Tensor) -> Tuple[int, int]:
+        """(H, W) of the masks :meth:`mask_probs` forms from ``mask_feat`` (N, E, h, w)."""
+        h, w = mask_feat.shape[-2:]
+        return (self.MASK_UPSAMPLE * h, self.MASK_UPSAMPLE * w)
 
     # ---- shared ------------------------------------------------------------------------------
     def mask_output_parameters(self) -> List[nn.Parameter]:
@@ -213,8 +246,7 @@ class SOLOHead(nn.Module):
         feats = self.resize_features(features)
         cate_logits, mask_feats = [], []
         for feat, s in zip(feats, self.num_grids):
-            mask_feat = self.mask_tower(coord_features(feat))
-            mask_feats.append(F.interpolate(mask_feat, scale_factor=2.0, mode="bilinear"))
+            mask_feats.append(self.mask_tower(coord_features(feat)))
             cate_feat = F.interpolate(feat, size=(s, s), mode="bilinear")
             cate_logits.append(self.cate_pred(self.cate_tower(cate_feat)))
         return cate_logits, mask_feats
@@ -254,15 +286,28 @@ class DecoupledSOLOHead(SOLOHead):
         return [m[k] for m in self.mask_preds for k in ("x", "y")]
 
     def _xy_probs(self, mask_feat: torch.Tensor, level: int):
+        """X and Y probabilities, (N, S, 2h, 2w) each, from ``mask_feat`` (N, E, h, w)."""
         out = self.mask_preds[level]
-        return out["x"](mask_feat).sigmoid(), out["y"](mask_feat).sigmoid()
+        s = self.num_grids[level]
+        xy = F.conv2d(
+            mask_feat,
+            torch.cat([out["x"].weight, out["y"].weight]),
+            torch.cat([out["x"].bias, out["y"].bias]),
+        )  # one 1x1 conv with 2S channels
+        return _upsample(xy).sigmoid().split(s, dim=1)
 
     def mask_probs(self, mask_feat, level, img_idx, cell_idx):
         s = self.num_grids[level]
-        px, py = self._xy_probs(mask_feat, level)  # (N, S, H, W) each; cheap: 2S channels
+        px, py = self._xy_probs(mask_feat, level)  # (N, S, 2h, 2w) each; cheap: 2S channels
         return px[img_idx, cell_idx % s] * py[img_idx, cell_idx // s]
 
     def full_mask_probs(self, mask_feat, level):
         px, py = self._xy_probs(mask_feat, level)
         n, s, h, w = px.shape
         return (py[:, :, None] * px[:, None, :]).view(n, s * s, h, w)
+
+
+def _upsample(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, 2h, 2w), bilinear (align_corners=False), as the reference's x2
+    upsample of the mask tower output."""
+    return F.interpolate(x, scale_factor=float(SOLOHead.MASK_UPSAMPLE), mode="bilinear")

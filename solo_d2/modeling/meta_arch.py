@@ -153,7 +153,9 @@ class SOLO(nn.Module):
         if self.training:
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             targets = self.targets(
-                gt_instances, tuple(images.tensor.shape[-2:]), [m.shape[-2:] for m in mask_feats]
+                gt_instances,
+                tuple(images.tensor.shape[-2:]),
+                [self.head.mask_size(m) for m in mask_feats],
             )
             return self.losses(cate_logits, mask_feats, targets)
         return self.inference_from_outputs(cate_logits, mask_feats, images, batched_inputs)
@@ -262,7 +264,7 @@ class SOLO(nn.Module):
     ) -> List[Dict[str, Instances]]:
         results = []
         padded = tuple(images.tensor.shape[-2:])
-        mask_size = tuple(mask_feats[0].shape[-2:])
+        mask_size = self.head.mask_size(mask_feats[0])
         for b, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             output_size = (int(x.get("height", image_size[0])), int(x.get("width", image_size[1])))
 
