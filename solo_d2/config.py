@@ -94,4 +94,10 @@ def add_solo_config(cfg):
     _C.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2); unused by SGD.
     _C.SOLVER.BETAS = (0.9, 0.999)
+    # Mixed-precision training (SOLVER.AMP.ENABLED True) in this dtype: "float16" or "bfloat16";
+    # "" picks the device's: float16 with a gradient scaler on CUDA (Detectron2's AMPTrainer),
+    # bfloat16 on CPU (CPU autocast; bfloat16 has float32's exponent range, so no scaler).
+    # On the shapes demo (2-core CPU with AVX512-BF16), bfloat16 made a training step about 1.5
+    # times faster (BENCHMARKS.md). Float16 on CPU is refused (slow, and needs a scaler).
+    _C.SOLVER.AMP.PRECISION = ""
     return cfg

@@ -16,12 +16,15 @@
 - ``--resume`` also continues the data order where it stopped: the training sampler
   (:class:`solo_d2.checkpoint.ResumableTrainingSampler`, seeded with ``SEED`` when it is >= 0) and
   the number of images consumed are saved in every checkpoint (:class:`DataOrderHook`);
+- ``SOLVER.AMP.ENABLED`` also works on CPU: the forward pass runs under CPU autocast in bfloat16
+  (``SOLVER.AMP.PRECISION``); on CUDA it is Detectron2's ``AMPTrainer``;
 - a NaN/inf loss stops training *before* the optimizer step, on every rank, with a
   ``FloatingPointError`` naming the loss term(s), the rank and the iteration.
 """
 import logging
 import math
 import os
+import time
 import weakref
 
 import numpy as np
@@ -51,6 +54,8 @@ __all__ = [
     "create_ddp_model",
     "add_full_model_gradient_clipping",
     "DataOrderHook",
+    "build_train_loop",
+    "amp_precision",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,7 +140,65 @@ class CheckedSimpleTrainer(_FiniteLossMixin, SimpleTrainer):
 
 
 class CheckedAMPTrainer(_FiniteLossMixin, AMPTrainer):
-    """``AMPTrainer`` that stops on a non-finite loss on every rank."""
+    """``AMPTrainer`` (CUDA autocast, gradient scaler) that stops on a non-finite loss on every
+    rank."""
+
+
+class CheckedCPUAutocastTrainer(_FiniteLossMixin, SimpleTrainer):
+    """``SimpleTrainer`` whose forward pass (model and losses) runs under CPU autocast in
+    ``precision`` (bfloat16), for ``SOLVER.AMP.ENABLED`` on CPU, where Detectron2's
+    ``AMPTrainer`` requires CUDA. Parameters, gradients and the optimizer stay float32; bfloat16
+    has float32's exponent range, so gradients need no scaler. Stops on a non-finite loss on every
+    rank."""
+
+    def __init__(self, model, data_loader, optimizer, precision: torch.dtype = torch.bfloat16):
+        super().__init__(model, data_loader, optimizer)
+        self.precision = precision
+
+    def run_step(self):
+        assert self.model.training, "[CheckedCPUAutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast("cpu", dtype=self.precision):
+            loss_dict = self.model(data)
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+def amp_precision(cfg) -> torch.dtype:
+    """The autocast dtype of ``SOLVER.AMP.PRECISION`` for ``MODEL.DEVICE`` ("" = the device's
+    default: float16 on CUDA, bfloat16 on CPU)."""
+    cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
+    name = cfg.SOLVER.AMP.PRECISION or ("float16" if cuda else "bfloat16")
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION = {name!r}: expected 'float16', 'bfloat16' or '' (the device's)"
+        )
+    if not cuda and name == "float16":
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION = 'float16' with MODEL.DEVICE = {cfg.MODEL.DEVICE!r}: mixed "
+            "precision on CPU runs in 'bfloat16' (float16 needs a gradient scaler, and CPUs "
+            "compute it slowly)"
+        )
+    return dtypes[name]
+
+
+def build_train_loop(cfg, model, data_loader, optimizer) -> TrainerBase:
+    """The inner training loop for ``SOLVER.AMP``: float32 (``CheckedSimpleTrainer``), CUDA
+    autocast with a gradient scaler (``CheckedAMPTrainer``) or CPU autocast
+    (``CheckedCPUAutocastTrainer``)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return CheckedSimpleTrainer(model, data_loader, optimizer)
+    precision = amp_precision(cfg)
+    if torch.device(cfg.MODEL.DEVICE).type == "cuda":
+        return CheckedAMPTrainer(model, data_loader, optimizer, precision=precision)
+    return CheckedCPUAutocastTrainer(model, data_loader, optimizer, precision=precision)
 
 
 class DataOrderHook(HookBase):
@@ -204,9 +267,7 @@ class Trainer(DefaultTrainer):
         # The resumable sampler, when build_train_loader made one (SAMPLER_TRAIN TrainingSampler).
         self._train_sampler = getattr(data_loader, "solo_resumable_sampler", None)
         model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = (CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else CheckedSimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_CONFIG, tiny_cfg, write_dataset
-from solo_d2.trainer import Trainer, add_full_model_gradient_clipping
+from solo_d2.trainer import CheckedCPUAutocastTrainer, Trainer, add_full_model_gradient_clipping, amp_precision
 
 
 # An untrained model predicts nothing at the default thresholds; these make it predict.
@@ -30,9 +30,13 @@ def few_images(tmp_path_factory):
     return "solo_few"
 
 
-@pytest.mark.parametrize("head", ["SOLOHead", "DecoupledSOLOHead"])
-def test_tiny_model_overfits_a_few_images(head, few_images, tmp_path):
+@pytest.mark.parametrize(
+    "head, amp", [("SOLOHead", False), ("DecoupledSOLOHead", False), ("DecoupledSOLOHead", True)]
+)
+def test_tiny_model_overfits_a_few_images(head, amp, few_images, tmp_path):
+    # amp: bfloat16 autocast on CPU, as the shapes demo trains.
     cfg = tiny_cfg(head)
+    cfg.SOLVER.AMP.ENABLED = amp
     cfg.DATASETS.TRAIN = (few_images,)
     cfg.DATASETS.TEST = (few_images,)
     cfg.SOLVER.BASE_LR = 0.04
@@ -58,6 +62,43 @@ def test_coco_evaluator_reports_segm_and_bbox_ap(tiny_dataset, tmp_path):
     assert set(results) == {"bbox", "segm"}
     assert 0.0 <= results["segm"]["AP"] <= 100.0
     assert (tmp_path / "inference" / tiny_dataset / "coco_instances_results.json").is_file()
+
+
+def test_amp_on_cpu_runs_the_forward_in_bfloat16_and_keeps_float32_weights(few_images, tmp_path):
+    cfg = tiny_cfg("DecoupledSOLOHead")
+    cfg.SOLVER.AMP.ENABLED = True
+    cfg.DATASETS.TRAIN = (few_images,)
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.MAX_ITER = 3
+    cfg.OUTPUT_DIR = str(tmp_path)
+    trainer = Trainer(cfg)
+    assert isinstance(trainer._trainer, CheckedCPUAutocastTrainer)
+    dtypes = []
+    trainer.model.head.mask_tower[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert dtypes == [torch.bfloat16] * (3 * 5)  # 3 steps x 5 levels
+    after = trainer.model.state_dict()
+    assert all(v.dtype == before[k].dtype for k, v in after.items())
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert not torch.equal(before["head.cate_pred.weight"], after["head.cate_pred.weight"])
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+def test_amp_precision_per_device_and_bad_values_name_the_key():
+    cfg = tiny_cfg()
+    assert amp_precision(cfg) == torch.bfloat16  # "" on CPU
+    cfg.MODEL.DEVICE = "cuda"  # only read, nothing runs on CUDA
+    assert amp_precision(cfg) == torch.float16
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
+    assert amp_precision(cfg) == torch.bfloat16
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.SOLVER.AMP.PRECISION = "float16"
+    with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION = 'float16' with MODEL.DEVICE = 'cpu'"):
+        amp_precision(cfg)
+    cfg.SOLVER.AMP.PRECISION = "fp8"
+    with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION = 'fp8'"):
+        amp_precision(cfg)
 
 
 def test_full_model_gradient_clipping():
