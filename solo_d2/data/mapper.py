@@ -1,20 +1,52 @@
-"""Detectron2's ``DatasetMapper`` whose errors name the image they happened on.
+"""Detectron2's ``DatasetMapper``, with errors that name the image and no same-size resizes.
 
-Detectron2's own mapper lets e.g. PIL's "image file is truncated" or "cannot identify image file
-<_io.BufferedReader ...>" through without the file name, from the middle of a training run; this
-one re-raises any error of the mapping as :class:`ImageLoadError` naming the file and image id.
+- Detectron2's own mapper lets e.g. PIL's "image file is truncated" or "cannot identify image
+  file <_io.BufferedReader ...>" through without the file name, from the middle of a training
+  run; this one re-raises any error of the mapping as :class:`ImageLoadError` naming the file and
+  image id.
+- Detectron2's ``ResizeShortestEdge`` resizes an image that already has the output size to that
+  same size, through PIL, and every instance mask with it. This mapper's resize skips that: the
+  pixels are the same and the random stream (the choice of size) is unchanged.
 """
 from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
 
-__all__ = ["ImageLoadError", "FileNamingDatasetMapper"]
+__all__ = ["ImageLoadError", "FileNamingDatasetMapper", "ResizeShortestEdgeOrKeep"]
 
 
 class ImageLoadError(RuntimeError):
     """An error while reading or transforming one image of a dataset; names the file."""
 
 
+class ResizeShortestEdgeOrKeep(T.ResizeShortestEdge):
+    """``ResizeShortestEdge`` that gives a ``NoOpTransform`` where the output size equals the
+    input's (e.g. the shapes dataset's 256x256 images at ``MIN_SIZE_TRAIN (256,)``). Same
+    arguments and random choices as Detectron2's."""
+
+    def get_transform(self, image):
+        t = super().get_transform(image)
+        if isinstance(t, T.ResizeTransform) and (t.h, t.w) == (t.new_h, t.new_w):
+            return T.NoOpTransform()
+        return t
+
+
+def _keep_same_size(aug):
+    if type(aug) is not T.ResizeShortestEdge:
+        return aug
+    out = ResizeShortestEdgeOrKeep.__new__(ResizeShortestEdgeOrKeep)
+    out.__dict__.update(aug.__dict__)
+    return out
+
+
 class FileNamingDatasetMapper(DatasetMapper):
-    """``DatasetMapper`` (same arguments) whose errors name the file and the image id."""
+    """``DatasetMapper`` (same arguments) whose errors name the file and the image id, and whose
+    ``ResizeShortestEdge`` skips same-size resizes (:class:`ResizeShortestEdgeOrKeep`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.augmentations = T.AugmentationList(
+            [_keep_same_size(a) for a in self.augmentations.augs]
+        )
 
     def __call__(self, dataset_dict):
         try:
