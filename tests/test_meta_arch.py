@@ -151,6 +151,29 @@ def test_config_length_mismatch_fails_at_build(key, value, match):
         build_model(cfg)
 
 
+@pytest.mark.parametrize("gamma", [0.5, 0.99, -1.0])
+def test_focal_gamma_between_0_and_1_fails_at_build(gamma):
+    # fvcore's focal loss has a NaN gradient at a certain prediction for 0 < gamma < 1 (the
+    # shapes demo hit it with 0.5 after 136 iterations); 0 and >= 1 are fine.
+    cfg = tiny_cfg()
+    cfg.MODEL.SOLO.FOCAL_LOSS_GAMMA = gamma
+    with pytest.raises(ValueError, match=f"MODEL.SOLO.FOCAL_LOSS_GAMMA = {gamma}: must be 0 or >= 1"):
+        build_model(cfg)
+    for ok in (0.0, 1.0):
+        cfg.MODEL.SOLO.FOCAL_LOSS_GAMMA = ok
+        build_model(cfg)
+
+
+def test_focal_gamma_below_1_has_nan_gradient_at_a_certain_prediction():
+    # Why the check above exists (and why 0 and 1 are allowed).
+    from fvcore.nn import sigmoid_focal_loss
+
+    for gamma, finite in ((0.0, True), (0.5, False), (1.0, True), (2.0, True)):
+        x = torch.tensor([-20.0, 20.0], requires_grad=True)  # certain: p = 0 and p = 1 in float32
+        sigmoid_focal_loss(x, torch.tensor([0.0, 1.0]), gamma=gamma, reduction="sum").backward()
+        assert bool(torch.isfinite(x.grad).all()) == finite, (gamma, x.grad)
+
+
 def test_num_classes_disagreeing_with_dataset_fails_at_build():
     MetadataCatalog.get("solo_test_three_classes").set(thing_classes=["a", "b", "c"])
     cfg = tiny_cfg()

@@ -98,6 +98,14 @@ class SOLO(nn.Module):
         )
         self.loss_cate_weight = loss_cate_weight
         self.loss_mask_weight = loss_mask_weight
+        if not (focal_loss_gamma == 0 or focal_loss_gamma >= 1):
+            # d/dx x^gamma is infinite at x = 0 for 0 < gamma < 1: a cell whose class the model
+            # predicts with probability 1.0 (in float32) gets a NaN gradient, which then reaches
+            # every weight through the optimizer step.
+            raise ValueError(
+                f"MODEL.SOLO.FOCAL_LOSS_GAMMA = {focal_loss_gamma}: must be 0 or >= 1 (for "
+                "0 < gamma < 1 the focal loss's gradient is NaN where a prediction is certain)"
+            )
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
         self.channels_last = channels_last
