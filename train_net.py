@@ -20,7 +20,7 @@ from detectron2.engine import default_argument_parser, launch
 import solo_d2  # noqa: F401  (registers the SOLO meta-architecture and datasets)
 from solo_d2.checkpoint import UNSAFE_LOAD_ENV, SafeDetectionCheckpointer
 from solo_d2.data.coco_json import register_custom_datasets
-from solo_d2.trainer import Trainer, setup_cfg
+from solo_d2.engine import Trainer, setup_cfg
 
 
 def argument_parser():

@@ -1,8 +1,8 @@
-"""Crash-safe checkpoints, safe weight loading and a resumable training sampler.
+"""Crash-safe checkpoints and safe weight loading.
 
 :class:`SafeDetectionCheckpointer` is Detectron2's ``DetectionCheckpointer`` with three changes:
 
-- **atomic saves**: a checkpoint is written to a temp file in the same folder, flushed, fsynced and
+- **atomic saves** (:func:`solo_d2.utils.file_io.atomic_write`): a checkpoint is written to a temp file in the same folder, flushed, fsynced and
   renamed over its final name (``os.replace``); the ``last_checkpoint`` tag is written the same
   way and only after the checkpoint file is complete. A process killed at any moment leaves either
   the previous state or the new one, never a truncated ``.pth`` or a tag naming a missing file (at
@@ -18,34 +18,22 @@
 - **clear shape-mismatch report**: like Detectron2, a parameter whose shape differs from the model's
   is skipped with a ``Skip loading parameter '<key>' ...`` warning per key; a summary warning then
   lists all of them together.
-
-:class:`ResumableTrainingSampler` is Detectron2's ``TrainingSampler`` whose seeded infinite index
-stream can start at a given position, so that a resumed run sees the data a non-interrupted run
-would have seen (Detectron2 restarts the stream from the beginning on resume).
 """
-import io
-import itertools
-import logging
 import os
 import pickle
-import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data.samplers import TrainingSampler
-from detectron2.utils import comm
+
+from .utils.file_io import atomic_write
 
 __all__ = [
     "SafeDetectionCheckpointer",
     "UnsafeCheckpointError",
-    "ResumableTrainingSampler",
     "UNSAFE_LOAD_ENV",
     "unsafe_load_allowed",
-    "atomic_write",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: Environment variable that allows arbitrary unpickling when loading checkpoints ("1" = allow).
 UNSAFE_LOAD_ENV = "SOLO_D2_UNSAFE_LOAD"
@@ -58,48 +46,6 @@ class UnsafeCheckpointError(RuntimeError):
 def unsafe_load_allowed() -> bool:
     """Whether ``$SOLO_D2_UNSAFE_LOAD`` allows arbitrary unpickling (1 / true / yes)."""
     return os.environ.get(UNSAFE_LOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _fsync_dir(folder: str) -> None:
-    """fsync a directory so that a rename in it is durable (best effort: not on every OS)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write_fn: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` all at once: ``write_fn(f)`` writes a temp file in the same folder, which is
-    flushed, fsynced and renamed over ``path``. On any error (or a kill) ``path`` is untouched."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    prefix = ".{}.tmp-".format(os.path.basename(path))
-    for stale in os.listdir(folder):  # left by a process killed while writing this file
-        if stale.startswith(prefix):
-            try:
-                os.unlink(os.path.join(folder, stale))
-            except OSError:
-                pass
-    tmp = os.path.join(folder, prefix + str(os.getpid()))
-    try:
-        with open(tmp, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
 
 
 def _is_local(path: str) -> bool:
@@ -262,55 +208,3 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 f"{len(incompatible.incorrect_shapes)} parameter(s) were NOT loaded because their "
                 f"shapes differ (they keep their initial values):\n{lines}"
             )
-
-
-# --------------------------------------------------------------------------------------------
-class ResumableTrainingSampler(TrainingSampler):
-    """``TrainingSampler`` whose (seeded, infinite) index stream starts at position ``start``.
-
-    The stream is the same as Detectron2's: ``shuffle(range(size)) + shuffle(range(size)) + ...``
-    from a generator seeded with ``seed``; rank ``r`` of ``W`` takes ``stream[start + r :: W]``.
-    ``start`` counts the indices that *all* ranks together have consumed, i.e. the number of
-    images trained on so far (``iterations done * SOLVER.IMS_PER_BATCH``). With ``start = k * B``,
-    the run continues exactly where a run with total batch ``B`` stopped after ``k`` iterations,
-    whatever the number of processes of either run.
-    """
-
-    def __init__(self, size: int, shuffle: bool = True, seed: Optional[int] = None, start: int = 0):
-        super().__init__(size, shuffle=shuffle, seed=seed)
-        self.set_start(start)
-
-    @property
-    def seed(self) -> int:
-        return self._seed
-
-    @property
-    def start(self) -> int:
-        return self._start
-
-    def set_start(self, start: int, seed: Optional[int] = None) -> None:
-        """Continue the stream at global position ``start`` (and use ``seed`` if given)."""
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        self._start = int(start)
-        if seed is not None:
-            self._seed = int(seed)
-
-    def __iter__(self):
-        first = self._start + self._rank  # global stream position of this rank's first index
-        g = torch.Generator()
-        g.manual_seed(self._seed)
-        skip_epochs = first // self._size
-        if self._shuffle:
-            for _ in range(skip_epochs):  # advance the generator past the epochs already consumed
-                torch.randperm(self._size, generator=g)
-        yield from itertools.islice(
-            self._epochs_from(g), first - skip_epochs * self._size, None, self._world_size
-        )
-
-    def _epochs_from(self, g):
-        while True:
-            if self._shuffle:
-                yield from torch.randperm(self._size, generator=g).tolist()
-            else:
-                yield from range(self._size)

@@ -1,9 +1,44 @@
-"""Config keys of solo_d2: one function, :func:`add_solo_config`, adds them to a Detectron2 cfg.
+"""Config of solo_d2: the keys (:func:`add_solo_config`), the one cfg builder
+(:func:`get_solo_cfg`) and the one place that decides the device (:func:`resolve_device`).
 
-Defaults follow the reference SOLO R-50-FPN on COCO (``../shared/SOLO_SPEC.md``). Nothing here edits
-Detectron2's global defaults: call ``add_solo_config(cfg)`` on a cfg from ``get_cfg()``.
+Defaults follow the reference SOLO R-50-FPN on COCO (the SOLO paper and its official
+implementation). Nothing here edits Detectron2's global defaults: :func:`add_solo_config` extends
+a cfg from ``get_cfg()``. Which AP a setting gave is recorded in BENCHMARKS.md, not here.
 """
+import logging
+
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_solo_config", "get_solo_cfg", "resolve_device"]
+
+# Under "detectron2" so that the message reaches Detectron2's log handlers once they are set up.
+logger = logging.getLogger("detectron2.solo_d2.config")
+
+
+def resolve_device(device: str) -> str:
+    """The device to run on for ``MODEL.DEVICE = device``: ``device`` itself, or ``"cpu"`` (with
+    a warning) when it names CUDA and no CUDA device is available. Used by :func:`get_solo_cfg`
+    and by :class:`solo_d2.SOLOPredictor`."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        logger.warning(f"MODEL.DEVICE = {device!r} but CUDA is not available: running on cpu")
+        return "cpu"
+    return device
+
+
+def get_solo_cfg(config_file=None, opts=(), device_fallback: bool = True):
+    """A new (unfrozen) cfg: Detectron2's defaults + solo_d2's keys + ``config_file`` (if given)
+    + ``opts`` (a flat ``[KEY, VALUE, ...]`` list). With ``device_fallback``, ``MODEL.DEVICE``
+    goes through :func:`resolve_device` (CUDA -> cpu when CUDA is absent)."""
+    cfg = get_cfg()
+    add_solo_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if device_fallback:
+        cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
+    return cfg
 
 
 def add_solo_config(cfg):
@@ -50,20 +85,19 @@ def add_solo_config(cfg):
     # Initialisation of the towers' 3x3 convs: "normal" (N(0, 0.01), the reference, which starts
     # from an ImageNet backbone) or "msra" (He init, Detectron2's c2_msra_fill). A conv followed
     # by GroupNorm is scale-invariant, so its relative step is ~lr / |w|^2: N(0, 0.01) weights
-    # take steps ~35 times larger than He init's at 64 channels (~9 times at 256). From scratch
-    # on the shapes demo, "msra" gave mask AP 26.9 against 23.8 after 2000 iterations
-    # (BENCHMARKS.md). The output convs keep N(0, 0.01) and the prior biases either way.
+    # take steps ~35 times larger than He init's at 64 channels (~9 times at 256); "msra" suits
+    # training from scratch (BENCHMARKS.md, "Learning and the demo"). The output convs keep N(0, 0.01) and
+    # the prior biases either way.
     _C.MODEL.SOLO.TOWER_INIT = "normal"
 
     # Losses: L = LOSS_CATE_WEIGHT * focal + LOSS_MASK_WEIGHT * dice.
     _C.MODEL.SOLO.LOSS_CATE_WEIGHT = 1.0
     _C.MODEL.SOLO.LOSS_MASK_WEIGHT = 3.0
-    # Sigmoid focal loss alpha and gamma (category branch). Gamma must be 0 or >= 1: for
-    # 0 < gamma < 1 the loss has a NaN gradient where a prediction is certain (checked at build).
-    # The shapes configs use 1: with the reference 2, the wrong classes of an undecided cell
-    # (scores ~0.25 each) get gradients ~4 times smaller, and from scratch the category branch
-    # took much longer to tell the shapes apart (mask AP 38.4 against 27.8 after 2000
-    # iterations, BENCHMARKS.md).
+    # Sigmoid focal loss alpha and gamma (category branch); gamma 0 is alpha-balanced BCE. Gamma
+    # must be 0 or >= 1: for 0 < gamma < 1 the loss has a NaN gradient where a prediction is
+    # certain (checked at build). The shapes configs use 0: focal gamma scales down the gradient
+    # of the wrong classes of an undecided cell, which slows a category branch trained from
+    # scratch (BENCHMARKS.md, "Learning and the demo").
     _C.MODEL.SOLO.FOCAL_LOSS_ALPHA = 0.25
     _C.MODEL.SOLO.FOCAL_LOSS_GAMMA = 2.0
 
@@ -84,8 +118,8 @@ def add_solo_config(cfg):
     _C.MODEL.SOLO.MAX_PER_IMAGE = 100
 
     # Run the backbone (ResNet + FPN) in channels-last memory format: faster convolutions on CPU
-    # (R-50-FPN at 800x1333: 1.93 s against 2.86 s in the default layout, BENCHMARKS.md). The head always sees standard (N, C, H, W) tensors.
-    # Results equal those of the standard layout up to float rounding.
+    # for a BatchNorm ResNet (BENCHMARKS.md, "Speed and memory"). The head always sees standard (N, C, H, W)
+    # tensors; results equal those of the standard layout up to float rounding.
     _C.MODEL.SOLO.CHANNELS_LAST = True
 
     # Gradient clipping on the L2 norm of *all* parameters together (the reference clips the
@@ -95,14 +129,12 @@ def add_solo_config(cfg):
     # Optimizer built by solo_d2's Trainer: "SGD" (Detectron2's, with SOLVER.MOMENTUM and
     # SOLVER.NESTEROV; the reference's) or "ADAMW" (torch.optim.AdamW with SOLVER.BETAS).
     # Both use BASE_LR, WEIGHT_DECAY, WEIGHT_DECAY_NORM, BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS.
-    # On the shapes demo from scratch, AdamW (LR 1e-3) learned no faster than SGD (BENCHMARKS.md).
     _C.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2); unused by SGD.
     _C.SOLVER.BETAS = (0.9, 0.999)
     # Mixed-precision training (SOLVER.AMP.ENABLED True) in this dtype: "float16" or "bfloat16";
     # "" picks the device's: float16 with a gradient scaler on CUDA (Detectron2's AMPTrainer),
     # bfloat16 on CPU (CPU autocast; bfloat16 has float32's exponent range, so no scaler).
-    # On the shapes demo (2-core CPU with AVX512-BF16), bfloat16 made a training step about 1.5
-    # times faster (BENCHMARKS.md). Float16 on CPU is refused (slow, and needs a scaler).
+    # Float16 on CPU is refused (slow, and needs a scaler). Step times: BENCHMARKS.md.
     _C.SOLVER.AMP.PRECISION = ""
     return cfg

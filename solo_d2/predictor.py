@@ -6,6 +6,8 @@
 
 Differences from ``DefaultPredictor``:
 
+- ``MODEL.DEVICE`` goes through :func:`solo_d2.config.resolve_device`: a cfg that says cuda runs on
+  the CPU (with a warning) where CUDA is absent;
 - the weights are loaded with :class:`solo_d2.checkpoint.SafeDetectionCheckpointer`
   (``torch.load(weights_only=True)``; a checkpoint that needs arbitrary unpickling is refused
   unless ``allow_unsafe_load=True`` or ``SOLO_D2_UNSAFE_LOAD=1``);
@@ -37,6 +39,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from .checkpoint import SafeDetectionCheckpointer
+from .config import resolve_device
 
 __all__ = ["SOLOPredictor", "as_hwc3"]
 
@@ -98,16 +101,23 @@ class SOLOPredictor(DefaultPredictor):
                 ``$SOLO_D2_UNSAFE_LOAD``.
         """
         self.cfg = cfg.clone()
+        device = resolve_device(self.cfg.MODEL.DEVICE)
+        if device != self.cfg.MODEL.DEVICE:
+            frozen = self.cfg.is_frozen()
+            self.cfg.defrost()
+            self.cfg.MODEL.DEVICE = device
+            if frozen:
+                self.cfg.freeze()
         self.model = build_model(self.cfg)
         self.model.eval()
-        if len(cfg.DATASETS.TEST):
-            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        if len(self.cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(self.cfg.DATASETS.TEST[0])
         checkpointer = SafeDetectionCheckpointer(self.model, allow_unsafe_load=allow_unsafe_load)
-        checkpointer.load(cfg.MODEL.WEIGHTS)
+        checkpointer.load(self.cfg.MODEL.WEIGHTS)
         self.aug = T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+            [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MIN_SIZE_TEST], self.cfg.INPUT.MAX_SIZE_TEST
         )
-        self.input_format = cfg.INPUT.FORMAT
+        self.input_format = self.cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")
 

@@ -3,26 +3,24 @@ the pictures of ``make demo``.
 
 * :func:`setup_demo_cfg` builds an inference cfg (``--config-file`` + ``opts``, CPU fallback, score
   thresholds no higher than the display threshold).
-* :class:`VisualizationDemo` runs a ``DefaultPredictor`` on images or video frames and draws them
+* :class:`VisualizationDemo` runs a :class:`solo_d2.SOLOPredictor` (safe weight loading, input
+  checks) on images or video frames and draws them
   (like ``VisualizationDemo`` of Detectron2's ``demo/predictor.py``).
 * :func:`draw_predictions`, :func:`draw_ground_truth`, :func:`side_by_side` and
   :func:`visualize_dataset` draw ground truth beside predictions for images of a registered
   dataset.
 """
-import logging
 import os
 
 import cv2
 import numpy as np
-import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .config import add_solo_config
+from .config import get_solo_cfg
+from .predictor import SOLOPredictor
 
 __all__ = [
     "setup_demo_cfg",
@@ -34,27 +32,19 @@ __all__ = [
     "visualize_dataset",
 ]
 
-logger = logging.getLogger(__name__)
-
 
 def setup_demo_cfg(config_file, opts=(), confidence_threshold=0.5):
-    """Frozen inference cfg: defaults + solo_d2's keys + ``config_file`` + ``opts``.
+    """Frozen inference cfg: :func:`solo_d2.get_solo_cfg` of ``config_file`` and ``opts``.
 
     ``MODEL.SOLO.SCORE_THRESH_TEST`` and ``UPDATE_THRESH_TEST`` are lowered to
     ``confidence_threshold`` when higher (a final score never exceeds the category score, so the
     model then keeps every detection the display threshold would show). ``MODEL.DEVICE`` falls
     back to cpu without CUDA.
     """
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = get_solo_cfg(config_file, opts)
     t = float(confidence_threshold)
     cfg.MODEL.SOLO.SCORE_THRESH_TEST = min(cfg.MODEL.SOLO.SCORE_THRESH_TEST, t)
     cfg.MODEL.SOLO.UPDATE_THRESH_TEST = min(cfg.MODEL.SOLO.UPDATE_THRESH_TEST, t)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
 
@@ -115,7 +105,7 @@ def side_by_side(images, titles=None, gap=8):
 
 
 class VisualizationDemo:
-    """A ``DefaultPredictor`` and Detectron2's ``Visualizer`` (cf. Detectron2's
+    """A :class:`solo_d2.SOLOPredictor` and Detectron2's ``Visualizer`` (cf. Detectron2's
     ``demo/predictor.py``). Class names come from the metadata of ``cfg.DATASETS.TEST[0]``."""
 
     def __init__(self, cfg, confidence_threshold=0.5, instance_mode=ColorMode.IMAGE):
@@ -123,7 +113,7 @@ class VisualizationDemo:
         self.metadata = _metadata(cfg)
         self.confidence_threshold = float(confidence_threshold)
         self.instance_mode = instance_mode
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = SOLOPredictor(cfg)
 
     def run_on_image(self, image_bgr):
         """Returns ``(predictions, vis_rgb)``: the model's output dict for a BGR uint8 image and
@@ -160,7 +150,7 @@ def visualize_dataset(cfg, dataset_name, output_dir, num_images=4, confidence_th
     chosen = [d for d in dicts if d.get("annotations")][:num_images]
     if len(chosen) < num_images:
         chosen += [d for d in dicts if not d.get("annotations")][: num_images - len(chosen)]
-    predictor = DefaultPredictor(cfg)
+    predictor = SOLOPredictor(cfg)
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for d in chosen:

@@ -23,9 +23,10 @@ import torch
 from detectron2.data import DatasetCatalog
 
 from conftest import REPO, TINY_CONFIG, tiny_cfg
-from solo_d2.checkpoint import ResumableTrainingSampler, SafeDetectionCheckpointer
+from solo_d2.checkpoint import SafeDetectionCheckpointer
+from solo_d2.data.samplers import ResumableTrainingSampler
 from solo_d2.data.mapper import FileNamingDatasetMapper
-from solo_d2.trainer import Trainer
+from solo_d2.engine import Trainer
 from test_reliability import driver_cmd, driver_env, finish, make_driver_dataset, start
 
 ITERS = 4

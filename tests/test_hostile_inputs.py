@@ -8,7 +8,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from conftest import CLASSES, instances, tiny_cfg, write_dataset
 from solo_d2.data.mapper import ImageLoadError
 from solo_d2.predictor import SOLOPredictor
-from solo_d2.trainer import Trainer
+from solo_d2.engine import Trainer
 
 # An untrained model predicts nothing at the default thresholds; these make it predict.
 LOW = {

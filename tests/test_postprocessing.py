@@ -58,7 +58,7 @@ def test_masks_to_boxes_matches_detectron2():
 
 
 def _postprocessor(**kw):
-    return SOLOPostProcessor(num_classes=3, num_grids=[4, 2], strides=[8, 16], **kw)
+    return SOLOPostProcessor(num_classes=3, num_grids=[4, 2], min_areas=[8, 16], **kw)
 
 
 def test_output_contract_and_requested_size():

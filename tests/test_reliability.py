@@ -26,13 +26,13 @@ from detectron2.utils.events import get_event_storage
 
 from conftest import CLASSES, REPO, TINY_CONFIG, tiny_cfg, write_dataset
 from solo_d2.checkpoint import (
-    ResumableTrainingSampler,
     SafeDetectionCheckpointer,
     UnsafeCheckpointError,
     UNSAFE_LOAD_ENV,
 )
+from solo_d2.data.samplers import ResumableTrainingSampler
 from solo_d2.modeling.meta_arch import SOLO
-from solo_d2.trainer import Trainer
+from solo_d2.engine import Trainer
 
 # A copy of train_net.py's main() that registers a test dataset (from $SOLO_TEST_DATASET) in every
 # process, records the losses of every iteration (rank 0) and can SIGKILL itself after iteration
@@ -47,7 +47,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
 import solo_d2  # noqa: F401
-from solo_d2.trainer import Trainer, setup_cfg
+from solo_d2.engine import Trainer, setup_cfg
 
 
 def register():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_CONFIG, tiny_cfg, write_dataset
-from solo_d2.trainer import CheckedCPUAutocastTrainer, Trainer, add_full_model_gradient_clipping, amp_precision
+from solo_d2.engine import CheckedCPUAutocastTrainer, Trainer, add_full_model_gradient_clipping, amp_precision
 
 
 # An untrained model predicts nothing at the default thresholds; these make it predict.

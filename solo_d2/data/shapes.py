@@ -15,22 +15,19 @@ Three entry points:
 * :func:`register_shapes_datasets` registers ``shapes_train`` / ``shapes_val`` with Detectron2;
   the data is generated lazily, the first time ``DatasetCatalog.get(name)`` is called.
 
-Command line::
-
-    python -m solo_d2.data.shapes --output DIR --split NAME --num-images N \
-        --image-size H W --seed S
+Command line: ``tools/generate_shapes.py``.
 """
-import argparse
 import colorsys
 import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ..utils.file_io import atomic_write
 
 __all__ = [
     "SHAPES_CLASSES",
@@ -38,7 +35,6 @@ __all__ = [
     "generate_shapes_dataset",
     "register_shapes_datasets",
     "default_shapes_root",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,9 +49,8 @@ MIN_VISIBLE_AREA = 10
 DEFAULT_SPLITS = {
     "shapes_train": dict(split="train", num_images=300, seed=0),
     "shapes_val": dict(split="val", num_images=50, seed=1),
-    # What the demo configs train on: 2,400 images (the first 300 are shapes_train's). From
-    # scratch, 300 images overfit the category branch; 2,400 gave mask AP 15.3 against 12.1
-    # in the same 1,500 iterations (BENCHMARKS.md). About 20 s to generate, 275 MB.
+    # What the demo configs train on: 2,400 images (the first 300 are shapes_train's), so that
+    # a model trained from scratch does not overfit (BENCHMARKS.md, "Learning and the demo").
     "shapes_train_large": dict(split="train_large", num_images=2400, seed=0),
 }
 
@@ -260,20 +255,6 @@ def _image_rng(seed, index):
     return np.random.Generator(np.random.PCG64([int(seed), int(index)]))
 
 
-def _atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _encode_annotation(mask, ann_id, image_id, category_id):
     from pycocotools import mask as mask_util
 
@@ -351,7 +332,7 @@ def generate_shapes_dataset(root, split, num_images, image_size=(256, 256), seed
         ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not ok:  # pragma: no cover
             raise RuntimeError(f"cv2 could not encode {file_name}")
-        _atomic_write_bytes(image_dir / file_name, buf.tobytes())
+        atomic_write(image_dir / file_name, lambda f: f.write(buf.tobytes()))
         images.append({"id": image_id, "file_name": file_name, "height": height,
                        "width": width})
         for inst in instances:
@@ -364,7 +345,7 @@ def generate_shapes_dataset(root, split, num_images, image_size=(256, 256), seed
                "annotations": annotations, "categories": categories, "licenses": []}
     json_path = root / f"{split}.json"
     text = json.dumps(dataset, sort_keys=True, separators=(",", ":"))
-    _atomic_write_bytes(json_path, text.encode("utf-8"))
+    atomic_write(json_path, lambda f: f.write(text.encode("utf-8")))
     logger.info("Wrote %d images and %d instances to %s", num_images, len(annotations),
                 json_path)
     return str(json_path)
@@ -375,11 +356,10 @@ def generate_shapes_dataset(root, split, num_images, image_size=(256, 256), seed
 # --------------------------------------------------------------------------------------------
 def default_shapes_root():
     """Where the registered shapes datasets live: ``$SOLO_D2_DATASETS/shapes`` if that variable
-    is set (like Detectron2's ``DETECTRON2_DATASETS``, it names the parent of every dataset),
-    else ``<repo root>/datasets/shapes``."""
-    env = os.environ.get("SOLO_D2_DATASETS")
-    parent = Path(env) if env else Path(__file__).resolve().parents[2] / "datasets"
-    return parent / "shapes"
+    is set, else ``./datasets/shapes`` under the current directory (as Detectron2 does with
+    ``DETECTRON2_DATASETS``: the variable names the parent of every dataset). Made absolute when
+    called; the registered datasets call it when ``solo_d2`` is imported."""
+    return Path(os.path.abspath(os.environ.get("SOLO_D2_DATASETS", "datasets"))) / "shapes"
 
 
 def _split_name(dataset_name):
@@ -442,43 +422,3 @@ def register_shapes_datasets(root=None, splits=None):
                                       evaluator_type="coco",
                                       thing_classes=list(SHAPES_CLASSES))
     return names
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-def main(argv=None):
-    """Command-line entry point; returns 0 (bad arguments exit with status 2). See ``--help``.
-
-    Args:
-        argv (list[str] or None): arguments without the program name; None reads ``sys.argv``.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m solo_d2.data.shapes",
-        description="Generate one split of the synthetic shapes dataset (COCO format).")
-    parser.add_argument("--output", required=True,
-                        help="dataset folder; writes OUTPUT/SPLIT/*.png and OUTPUT/SPLIT.json")
-    parser.add_argument("--split", default="train", help="split name (default: train)")
-    parser.add_argument("--num-images", type=int, default=300, help="default: 300")
-    parser.add_argument("--image-size", type=int, nargs=2, default=[256, 256],
-                        metavar=("H", "W"), help="default: 256 256")
-    parser.add_argument("--seed", type=int, default=0, help="default: 0")
-    parser.add_argument("--max-objects", type=int, default=6)
-    parser.add_argument("--min-size", type=float, default=12.0)
-    parser.add_argument("--max-size", type=float, default=200.0)
-    parser.add_argument("--empty-prob", type=float, default=0.05)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    try:
-        path = generate_shapes_dataset(
-            args.output, args.split, args.num_images, image_size=tuple(args.image_size),
-            seed=args.seed, progress=not args.no_progress, max_objects=args.max_objects,
-            min_size=args.min_size, max_size=args.max_size, empty_prob=args.empty_prob)
-    except ValueError as e:
-        parser.error(str(e))  # exits with status 2 and a one-line message
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

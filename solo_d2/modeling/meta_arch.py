@@ -1,14 +1,27 @@
-"""The SOLO meta-architecture: backbone -> SOLO head -> (grid targets + losses | postprocessing)."""
+"""The SOLO meta-architecture: backbone -> SOLO head -> (grid targets + losses | postprocessing).
+
+``SOLO`` composes injected parts, built by :meth:`SOLO.from_config`: a backbone, a head
+(:mod:`.heads`), a :class:`SOLOTargetGenerator` and a :class:`SOLOPostProcessor`; each part
+validates its own arguments, ``SOLO`` only that they agree on the levels.
+
+Not built on Detectron2's ``DenseDetector``: of what it offers, SOLO would keep only the pixel
+buffers and the ``device`` property (a few lines). Its ``preprocess_image`` has no input checks
+(:func:`check_batched_inputs`) and no channels-last backbone, and its ``forward`` skeleton
+transposes per-anchor predictions and rescales results with ``detector_postprocess``, which
+handles box-relative ROI masks, not SOLO's full-image masks (SOLO pastes its masks directly at
+the requested output size), so ``forward`` and ``preprocess_image`` would be overridden anyway.
+"""
 from typing import Dict, List, Sequence
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList, Instances
 from torch import nn
 
+from ..data.checks import check_num_classes
 from .heads import build_solo_head
+from .input_checks import check_batched_inputs
 from .losses import category_loss, mask_loss
 from .postprocessing import SOLOPostProcessor
 from .targets import LevelTargets, SOLOTargetGenerator
@@ -20,7 +33,8 @@ __all__ = ["SOLO"]
 class SOLO(nn.Module):
     """SOLO / Decoupled SOLO (the head decides) as a Detectron2 meta-architecture.
 
-    Input: Detectron2's ``list[dict]``, one dict per image:
+    Input: Detectron2's ``list[dict]``, one dict per image (checked by
+    :func:`solo_d2.modeling.input_checks.check_batched_inputs`):
 
     - ``"image"``: (3, H, W) uint8 or float tensor in ``MODEL.INPUT.FORMAT`` channel order;
     - ``"instances"`` (training): ``Instances`` with ``gt_classes`` (int64, 0..C-1) and
@@ -42,30 +56,25 @@ class SOLO(nn.Module):
         *,
         backbone: Backbone,
         head: nn.Module,
+        targets: SOLOTargetGenerator,
+        postprocessor: SOLOPostProcessor,
         in_features: Sequence[str],
-        scale_ranges: Sequence[Sequence[float]],
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
-        sigma: float = 0.2,
         loss_cate_weight: float = 1.0,
         loss_mask_weight: float = 3.0,
         focal_loss_alpha: float = 0.25,
         focal_loss_gamma: float = 2.0,
-        score_thresh: float = 0.1,
-        mask_thresh: float = 0.5,
-        nms_pre: int = 500,
-        nms_kernel: str = "gaussian",
-        nms_sigma: float = 2.0,
-        update_thresh: float = 0.05,
-        max_per_image: int = 100,
         channels_last: bool = False,
     ):
         """
         Args:
-            backbone: a Detectron2 backbone whose outputs include ``in_features``.
+            backbone: a Detectron2 backbone whose outputs include ``in_features``
+                (:meth:`from_config` checks them).
             head: a SOLO head (:class:`SOLOHead` contract) with ``num_classes`` and ``num_grids``.
+            targets: the training targets of the head's levels.
+            postprocessor: turns one image's head outputs into ``Instances``.
             in_features: backbone features fed to the head, finest first.
-            scale_ranges: (lo, hi) per level, see ``MODEL.SOLO.SCALE_RANGES``.
             pixel_mean, pixel_std: per-channel normalisation of the input image.
             channels_last: run the backbone in channels-last memory format.
             Others: see :mod:`solo_d2.config`.
@@ -73,29 +82,22 @@ class SOLO(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.targets = targets
+        self.postprocess = postprocessor
         self.in_features = list(in_features)
         self.num_classes = head.num_classes
-        num_grids = head.num_grids
-        _check_lengths(self.in_features, num_grids, scale_ranges)
-        shapes = backbone.output_shape()
-        missing = [f for f in self.in_features if f not in shapes]
-        if missing:
+        if len(self.in_features) != len(head.num_grids):
             raise ValueError(
-                f"MODEL.SOLO.IN_FEATURES {missing} are not backbone outputs {sorted(shapes)}"
+                f"MODEL.SOLO.NUM_GRIDS has {len(head.num_grids)} entries but "
+                f"MODEL.SOLO.IN_FEATURES has {len(self.in_features)} ({self.in_features}): give "
+                "one per level"
             )
-        self.targets = SOLOTargetGenerator(self.num_classes, num_grids, scale_ranges, sigma)
-        self.postprocess = SOLOPostProcessor(
-            self.num_classes,
-            num_grids,
-            strides=_cate_strides([shapes[f].stride for f in self.in_features]),
-            score_thresh=score_thresh,
-            mask_thresh=mask_thresh,
-            nms_pre=nms_pre,
-            nms_kernel=nms_kernel,
-            nms_sigma=nms_sigma,
-            update_thresh=update_thresh,
-            max_per_image=max_per_image,
-        )
+        for name, part in (("targets", targets), ("postprocessor", postprocessor)):
+            if list(part.num_grids) != list(head.num_grids) or part.num_classes != self.num_classes:
+                raise ValueError(
+                    f"SOLO: {name} has grids {list(part.num_grids)} and {part.num_classes} classes, "
+                    f"the head {list(head.num_grids)} and {self.num_classes}"
+                )
         self.loss_cate_weight = loss_cate_weight
         self.loss_mask_weight = loss_mask_weight
         if not (focal_loss_gamma == 0 or focal_loss_gamma >= 1):
@@ -117,7 +119,6 @@ class SOLO(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         sc = cfg.MODEL.SOLO
-        _check_lengths(sc.IN_FEATURES, sc.NUM_GRIDS, sc.SCALE_RANGES)
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
@@ -127,26 +128,20 @@ class SOLO(nn.Module):
                 f"MODEL.SOLO.IN_FEATURES {missing} are not outputs of MODEL.BACKBONE.NAME = "
                 f"{cfg.MODEL.BACKBONE.NAME!r} (it has {sorted(shapes)})"
             )
-        head = build_solo_head(cfg, [shapes[f] for f in sc.IN_FEATURES])
         return {
             "backbone": backbone,
-            "head": head,
+            "head": build_solo_head(cfg, [shapes[f] for f in sc.IN_FEATURES]),
+            "targets": SOLOTargetGenerator(cfg),
+            "postprocessor": SOLOPostProcessor(
+                cfg, feature_strides=[shapes[f].stride for f in sc.IN_FEATURES]
+            ),
             "in_features": sc.IN_FEATURES,
-            "scale_ranges": sc.SCALE_RANGES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "sigma": sc.SIGMA,
             "loss_cate_weight": sc.LOSS_CATE_WEIGHT,
             "loss_mask_weight": sc.LOSS_MASK_WEIGHT,
             "focal_loss_alpha": sc.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": sc.FOCAL_LOSS_GAMMA,
-            "score_thresh": sc.SCORE_THRESH_TEST,
-            "mask_thresh": sc.MASK_THRESH_TEST,
-            "nms_pre": sc.NMS_PRE,
-            "nms_kernel": sc.NMS_KERNEL,
-            "nms_sigma": sc.NMS_SIGMA,
-            "update_thresh": sc.UPDATE_THRESH_TEST,
-            "max_per_image": sc.MAX_PER_IMAGE,
             "channels_last": sc.CHANNELS_LAST,
         }
 
@@ -176,58 +171,13 @@ class SOLO(nn.Module):
         return {k: v.contiguous() for k, v in features.items()}
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
-        """Check, normalise, pad (to the backbone's size divisibility) and batch the images.
-
-        Every input is checked and a bad one raises ``TypeError`` / ``ValueError`` naming
-        ``batched_inputs[i]``: ``image`` must be a (3, H, W) uint8 or floating tensor with
-        H, W >= 1 (``SOLOPredictor`` converts grayscale / RGBA / 16-bit arrays); a floating image
-        must be finite (no NaN/inf) and is taken as 0..255 pixel values; ``height`` / ``width``,
-        when given, must be positive; in training, ``instances`` is required.
-        """
-        if not isinstance(batched_inputs, (list, tuple)) or len(batched_inputs) == 0:
-            got = type(batched_inputs).__name__
-            raise TypeError(
-                "SOLO expects a non-empty list of dicts (one per image), got "
-                + (f"an empty {got}" if isinstance(batched_inputs, (list, tuple)) else got)
-            )
-        images = []
-        for i, x in enumerate(batched_inputs):
-            where = f"batched_inputs[{i}]"
-            if not isinstance(x, dict) or "image" not in x:
-                keys = f" with keys {sorted(x)}" if isinstance(x, dict) else ""
-                raise TypeError(
-                    f"{where} must be a dict with an 'image' tensor, got {type(x).__name__}{keys}"
-                )
-            img = x["image"]
-            if not isinstance(img, torch.Tensor):
-                raise TypeError(
-                    f"{where}['image'] must be a torch.Tensor (3, H, W), got {type(img).__name__}"
-                )
-            if img.dim() != 3 or img.shape[0] != 3:
-                raise ValueError(
-                    f"{where}['image'] must be a (3, H, W) tensor, got shape {tuple(img.shape)}"
-                )
-            if img.shape[1] == 0 or img.shape[2] == 0:
-                raise ValueError(f"{where}['image'] is empty: shape {tuple(img.shape)}")
-            if img.dtype != torch.uint8 and not img.is_floating_point():
-                raise TypeError(
-                    f"{where}['image'] has dtype {img.dtype}: expected uint8 or a floating dtype "
-                    "with 0..255 pixel values"
-                )
-            for key in ("height", "width"):
-                if key in x and not int(x[key]) > 0:
-                    raise ValueError(
-                        f"{where}['{key}'] (requested output size) must be positive, got {x[key]}"
-                    )
-            if self.training and "instances" not in x:
-                raise ValueError(f"{where} has no 'instances': training needs the ground truth")
-            img = img.to(self.device, torch.float32)
-            if x["image"].is_floating_point() and not bool(torch.isfinite(img).all()):
-                bad = int((~torch.isfinite(img)).sum())
-                raise ValueError(
-                    f"{where}['image'] has {bad} non-finite (NaN or inf) pixel values"
-                )
-            images.append((img - self.pixel_mean) / self.pixel_std)
+        """Check (:func:`check_batched_inputs`), normalise, pad (to the backbone's size
+        divisibility) and batch the images."""
+        check_batched_inputs(batched_inputs, self.training)
+        images = [
+            (x["image"].to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+            for x in batched_inputs
+        ]
         return ImageList.from_tensors(
             images,
             self.backbone.size_divisibility,
@@ -285,41 +235,3 @@ class SOLO(nn.Module):
             )
             results.append({"instances": instances})
         return results
-
-
-def _check_lengths(in_features, num_grids, scale_ranges):
-    n = len(in_features)
-    for key, value in (("NUM_GRIDS", num_grids), ("SCALE_RANGES", scale_ranges)):
-        if len(value) != n:
-            raise ValueError(
-                f"MODEL.SOLO.{key} has {len(value)} entries but MODEL.SOLO.IN_FEATURES has {n} "
-                f"({list(in_features)}): give one per level"
-            )
-    for r in scale_ranges:
-        if len(r) != 2 or r[0] > r[1]:
-            raise ValueError(f"MODEL.SOLO.SCALE_RANGES entries must be [lo, hi] with lo <= hi, got {r}")
-    if any(int(s) <= 0 for s in num_grids):
-        raise ValueError(f"MODEL.SOLO.NUM_GRIDS must be positive, got {list(num_grids)}")
-
-
-def check_num_classes(cfg, dataset_names):
-    """Raise if ``MODEL.SOLO.NUM_CLASSES`` differs from the number of ``thing_classes`` of one
-    of ``dataset_names`` (datasets whose classes are not known yet are skipped)."""
-    n = cfg.MODEL.SOLO.NUM_CLASSES
-    for name in dataset_names:
-        classes = MetadataCatalog.get(name).get("thing_classes", None)
-        if classes is not None and len(classes) != n:
-            raise ValueError(
-                f"MODEL.SOLO.NUM_CLASSES = {n} but dataset {name!r} has {len(classes)} classes "
-                f"({list(classes)[:5]}{'...' if len(classes) > 5 else ''}); set "
-                f"MODEL.SOLO.NUM_CLASSES {len(classes)}"
-            )
-
-
-def _cate_strides(feature_strides: List[int]) -> List[int]:
-    """Strides after the head's resizing: the first level takes the second's stride and the
-    last the one before it ([4, 8, 16, 32, 64] -> [8, 8, 16, 32, 32])."""
-    s = list(feature_strides)
-    if len(s) > 1:
-        s[0], s[-1] = s[1], s[-2]
-    return s

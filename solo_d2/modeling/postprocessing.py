@@ -9,11 +9,21 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
 from .layers import masks_to_boxes
 
-__all__ = ["point_nms", "matrix_nms", "SOLOPostProcessor"]
+__all__ = ["point_nms", "matrix_nms", "category_strides", "SOLOPostProcessor"]
+
+
+def category_strides(feature_strides: Sequence[int]) -> List[int]:
+    """Strides after the head's resizing: the first level takes the second's stride and the
+    last the one before it ([4, 8, 16, 32, 64] -> [8, 8, 16, 32, 32])."""
+    s = list(feature_strides)
+    if len(s) > 1:
+        s[0], s[-1] = s[1], s[-2]
+    return s
 
 
 def point_nms(probs: torch.Tensor, kernel: int = 2) -> torch.Tensor:
@@ -74,17 +84,20 @@ class SOLOPostProcessor:
     Args:
         num_classes: C.
         num_grids: S per level.
-        strides: category stride per level; a candidate mask (at the finest mask resolution)
-            with area <= its level's stride is dropped. Reference: [8, 8, 16, 32, 32].
+        min_areas: minimum mask area per level, in pixels of the finest mask resolution: a
+            candidate whose binary mask has ``area <= min_areas[level]`` is dropped. The
+            reference uses each level's category stride ([8, 8, 16, 32, 32]), which
+            :meth:`from_config` derives from the backbone's feature strides.
         score_thresh, mask_thresh, nms_pre, nms_kernel, nms_sigma, update_thresh,
         max_per_image: see ``MODEL.SOLO.*_TEST`` in :mod:`solo_d2.config`.
     """
 
+    @configurable
     def __init__(
         self,
         num_classes: int,
         num_grids: Sequence[int],
-        strides: Sequence[int],
+        min_areas: Sequence[float],
         score_thresh: float = 0.1,
         mask_thresh: float = 0.5,
         nms_pre: int = 500,
@@ -97,9 +110,13 @@ class SOLOPostProcessor:
             raise ValueError(
                 f"MODEL.SOLO.NMS_KERNEL must be 'gaussian' or 'linear', got {nms_kernel!r}"
             )
+        if len(min_areas) != len(num_grids):
+            raise ValueError(
+                f"SOLOPostProcessor: {len(min_areas)} min_areas for {len(num_grids)} levels"
+            )
         self.num_classes = num_classes
         self.num_grids = list(num_grids)
-        self.strides = list(strides)
+        self.min_areas = list(min_areas)
         self.score_thresh = score_thresh
         self.mask_thresh = mask_thresh
         self.nms_pre = nms_pre
@@ -107,6 +124,23 @@ class SOLOPostProcessor:
         self.nms_sigma = nms_sigma
         self.update_thresh = update_thresh
         self.max_per_image = max_per_image
+
+    @classmethod
+    def from_config(cls, cfg, feature_strides: Sequence[int]):
+        """``feature_strides``: the backbone strides of ``MODEL.SOLO.IN_FEATURES``."""
+        sc = cfg.MODEL.SOLO
+        return {
+            "num_classes": sc.NUM_CLASSES,
+            "num_grids": sc.NUM_GRIDS,
+            "min_areas": category_strides(feature_strides),
+            "score_thresh": sc.SCORE_THRESH_TEST,
+            "mask_thresh": sc.MASK_THRESH_TEST,
+            "nms_pre": sc.NMS_PRE,
+            "nms_kernel": sc.NMS_KERNEL,
+            "nms_sigma": sc.NMS_SIGMA,
+            "update_thresh": sc.UPDATE_THRESH_TEST,
+            "max_per_image": sc.MAX_PER_IMAGE,
+        }
 
     def __call__(
         self,
@@ -166,12 +200,12 @@ class SOLOPostProcessor:
         soft = torch.cat(parts)
         binary = soft > self.mask_thresh
         area = binary.sum(dim=(1, 2)).to(scores.dtype)
-        strides = torch.as_tensor(self.strides, device=device, dtype=scores.dtype)[levels]
+        min_areas = torch.as_tensor(self.min_areas, device=device, dtype=scores.dtype)[levels]
         maskness = (soft * binary).sum(dim=(1, 2)) / area.clamp(min=1)
         scores = scores * maskness
 
         # Indices into the candidates are composed; the big mask tensors are gathered once.
-        idx = (area > strides).nonzero().squeeze(1)
+        idx = (area > min_areas).nonzero().squeeze(1)
         idx = idx[scores[idx].sort(descending=True, stable=True).indices]
         scores, cls = scores[idx], cls[idx]
         scores = matrix_nms(binary[idx], cls, scores, self.nms_kernel, self.nms_sigma)

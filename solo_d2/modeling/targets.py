@@ -21,6 +21,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 __all__ = ["LevelTargets", "SOLOTargetGenerator"]
@@ -77,6 +78,7 @@ def _row_col_sums(masks: torch.Tensor):
 class SOLOTargetGenerator:
     """Builds :class:`LevelTargets` for every level from a batch's GT instances."""
 
+    @configurable
     def __init__(
         self,
         num_classes: int,
@@ -84,15 +86,39 @@ class SOLOTargetGenerator:
         scale_ranges: Sequence[Sequence[float]],
         sigma: float = 0.2,
     ):
+        """
+        Args:
+            num_classes: C; GT classes must be in 0..C-1.
+            num_grids: S per level, > 0.
+            scale_ranges: inclusive (lo, hi) object-scale range per level, lo <= hi.
+            sigma: centre-region factor (``MODEL.SOLO.SIGMA``).
+        """
         if len(num_grids) != len(scale_ranges):
             raise ValueError(
                 f"MODEL.SOLO.NUM_GRIDS has {len(num_grids)} entries but MODEL.SOLO.SCALE_RANGES "
-                f"has {len(scale_ranges)}"
+                f"has {len(scale_ranges)}: give one per level"
             )
+        if any(int(s) <= 0 for s in num_grids):
+            raise ValueError(f"MODEL.SOLO.NUM_GRIDS must be positive, got {list(num_grids)}")
+        for r in scale_ranges:
+            if len(r) != 2 or r[0] > r[1]:
+                raise ValueError(
+                    f"MODEL.SOLO.SCALE_RANGES entries must be [lo, hi] with lo <= hi, got {r}"
+                )
         self.num_classes = num_classes
         self.num_grids = list(num_grids)
         self.scale_ranges = [tuple(float(v) for v in r) for r in scale_ranges]
         self.sigma = sigma
+
+    @classmethod
+    def from_config(cls, cfg):
+        sc = cfg.MODEL.SOLO
+        return {
+            "num_classes": sc.NUM_CLASSES,
+            "num_grids": sc.NUM_GRIDS,
+            "scale_ranges": sc.SCALE_RANGES,
+            "sigma": sc.SIGMA,
+        }
 
     @torch.no_grad()
     def __call__(

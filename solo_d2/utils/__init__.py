@@ -1,0 +1,1 @@
+"""Small helpers shared by solo_d2's packages."""
