@@ -205,16 +205,33 @@ def test_register_is_lazy_and_idempotent(tmp_path):
 
 
 def test_default_root(monkeypatch, tmp_path):
+    # $SOLO_D2_DATASETS, else ./datasets under the current directory (not the package's folder,
+    # which after a normal install is inside site-packages).
     monkeypatch.setenv("SOLO_D2_DATASETS", str(tmp_path))
     assert shapes_mod.default_shapes_root() == tmp_path / "shapes"
     monkeypatch.delenv("SOLO_D2_DATASETS")
-    root = shapes_mod.default_shapes_root()
-    assert root.parts[-2:] == ("datasets", "shapes")
-    assert (root.parents[1] / "solo_d2" / "data" / "shapes.py").is_file()
+    monkeypatch.chdir(tmp_path)
+    assert shapes_mod.default_shapes_root() == tmp_path / "datasets" / "shapes"
+
+
+def _generate_shapes_tool():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        spec = importlib.util.spec_from_file_location("generate_shapes", tools / "generate_shapes.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(tools))
+    return module
 
 
 def test_cli(tmp_path, capsys):
-    rc = shapes_mod.main(["--output", str(tmp_path), "--split", "cli", "--num-images", "3",
+    rc = _generate_shapes_tool().main(["--output", str(tmp_path), "--split", "cli", "--num-images", "3",
                           "--image-size", "48", "64", "--seed", "11", "--no-progress"])
     assert rc == 0
     data = json.loads(_read_bytes(tmp_path / "cli.json"))
@@ -225,7 +242,7 @@ def test_cli(tmp_path, capsys):
 
 def test_cli_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        shapes_mod.main(["--output", str(tmp_path), "--num-images", "-2", "--no-progress"])
+        _generate_shapes_tool().main(["--output", str(tmp_path), "--num-images", "-2", "--no-progress"])
     assert exc.value.code == 2
     assert "num_images" in capsys.readouterr().err
     assert not (tmp_path / "train.json").exists()

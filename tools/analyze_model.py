@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """FLOPs and parameters of a solo_d2 (or any Detectron2) config, the way Detectron2's
-``tools/analyze_model.py`` counts them, but with ``add_solo_config`` so SOLO configs load.
+``tools/analyze_model.py`` counts them, but with solo_d2's config keys so SOLO configs load.
 
     python tools/analyze_model.py --config-file configs/COCO-InstanceSegmentation/SOLO_R50_1x.yaml
     python tools/analyze_model.py --model-zoo COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml
@@ -16,29 +16,19 @@ backbone (+FPN), heads and the rest (postprocess and glue). Parameters come from
 import argparse
 import json
 import logging
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark  # noqa: E402  (same model set-up as the speed benchmark)
+from _common import calibrate_frozen_bn, force_candidates, load_cfg
 
 
 def build(args):
-    from detectron2 import model_zoo
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    import solo_d2
-
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file(args.model_zoo) if args.model_zoo else args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_cfg(args.config_file, args.opts, model_zoo=args.model_zoo, device="cpu")
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
     return cfg, build_model(cfg)
 
@@ -94,8 +84,8 @@ def main(argv=None):
         h, w = args.size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         g = torch.Generator().manual_seed(0)
         images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for _ in range(args.num_inputs)]
-        benchmark.calibrate_frozen_bn(model, images[0])
-        benchmark.force_candidates(model)
+        calibrate_frozen_bn(model, images[0])
+        force_candidates(model)
         with torch.no_grad():
             out["gflops"] = count_flops(model, images)
         out["size"] = [h, w]

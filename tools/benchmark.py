@@ -44,7 +44,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, calibrate_frozen_bn, force_candidates, is_solo, load_cfg
 COCO = "configs/COCO-InstanceSegmentation/"
 MODELS = {
     "SOLO": (COCO + "SOLO_R50_1x.yaml", (800, 1333)),
@@ -60,20 +60,12 @@ DEFAULT_MODELS = ["SOLO", "DecoupledSOLO", "DecoupledSOLO_Light", "MaskRCNN"]
 # building models and inputs
 # ---------------------------------------------------------------------------------------------
 def build_cfg(name, device="cpu"):
-    from detectron2 import model_zoo
-    from detectron2.config import get_cfg
-
-    import solo_d2
-
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
     path = MODELS[name][0]
     if path.startswith("model_zoo:"):
-        cfg.merge_from_file(model_zoo.get_config_file(path[len("model_zoo:"):]))
+        cfg = load_cfg(model_zoo=path[len("model_zoo:"):], device=device)
     else:
-        cfg.merge_from_file(str(REPO / path))
+        cfg = load_cfg(str(REPO / path), device=device)
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = device
     return cfg
 
 
@@ -91,55 +83,6 @@ def build(name, device="cpu"):
 
         head.mask_probs = mask_probs_via_all_s2
     return model
-
-
-def is_solo(model):
-    return type(model).__name__ == "SOLO"
-
-
-def calibrate_frozen_bn(model, image):
-    """Set every FrozenBatchNorm2d's statistics to those of its input on ``image``, layer by
-    layer in forward order, so random-weight activations have unit scale as in a trained
-    network (with identity statistics they grow to ~1e4 through ResNet-50, which breaks the
-    RPN's proposals and is not what a trained model computes)."""
-    import torch
-    from detectron2.layers import FrozenBatchNorm2d
-
-    def hook(module, inputs):
-        x = inputs[0]
-        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
-        module.running_var.copy_(x.var(dim=(0, 2, 3)))
-
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, FrozenBatchNorm2d)]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        images = model.preprocess_image([{"image": image}])
-        model.backbone(images.tensor)
-    model.train(was_training)
-    for h in handles:
-        h.remove()
-
-
-def force_candidates(model):
-    """Random SOLO weights -> the heaviest postprocess the config allows (module docstring)."""
-    import torch
-
-    if not is_solo(model):  # Mask R-CNN: peaked class scores, so a few classes pass 0.05
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
-            bias = model.roi_heads.box_predictor.cls_score.bias
-            bias.copy_(torch.randn(bias.shape, generator=g) * 3.0)
-        return
-    with torch.no_grad():
-        model.head.cate_pred.bias.zero_()
-        g = torch.Generator().manual_seed(1)
-        for p in model.head.mask_output_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            else:
-                p.zero_()
 
 
 def gt_instances(h, w, n, device, num_classes=80):

@@ -16,10 +16,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, load_cfg
 
 DEFAULT_CONFIG = "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"
 
@@ -59,16 +57,11 @@ def main(argv=None):
     os.chdir(REPO)
     start = time.time()
 
-    import solo_d2  # noqa: F401  (registers shapes_train / shapes_val)
-    from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog
 
     from solo_d2.visualize import setup_demo_cfg, visualize_dataset
 
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_cfg(args.config_file, args.opts)  # importing solo_d2 registers the shapes datasets
 
     banner("1/4 dataset")
     t = time.time()

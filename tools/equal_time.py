@@ -15,37 +15,26 @@ each ``minutes / points``. Results go to ``<output>/results.json`` and a plot to
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
-from detectron2 import model_zoo
-from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import solo_d2  # noqa: E402
-from solo_d2.trainer import Trainer  # noqa: E402
+from _common import REPO, load_cfg
+from solo_d2.engine import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = ["MODEL.RESNETS", "MODEL.FPN", "MODEL.BACKBONE", "INPUT", "SOLVER", "DATASETS", "DATALOADER"]
 
 
 def solo_cfg(path, opts):
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(str(REPO / path))
-    cfg.merge_from_list(opts)
-    return cfg
+    return load_cfg(str(REPO / path), opts)
 
 
 def mask_rcnn_cfg(solo, opts):
     """Detectron2's Mask R-CNN R-50-FPN heads on the SOLO config's backbone and schedule."""
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+    cfg = load_cfg(model_zoo="COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
     for key in SHARED:
         node, src = cfg, solo
         *parents, leaf = key.split(".")

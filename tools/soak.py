@@ -23,17 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
+from detectron2.engine import HookBase
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
-import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import HookBase  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-
-import solo_d2  # noqa: E402,F401  (registers SOLO and the shapes datasets)
-from solo_d2.trainer import Trainer  # noqa: E402
+from _common import REPO, load_cfg  # importing solo_d2 registers SOLO and the shapes datasets
+from solo_d2.engine import Trainer
 
 
 def rss_mib(pid="self") -> float:
@@ -145,9 +141,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     setup_logger(name="fvcore")
     setup_logger()
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg = load_cfg(args.config_file)
     cfg.merge_from_list([
         "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "()",
         "SOLVER.IMS_PER_BATCH", str(args.batch), "SOLVER.MAX_ITER", str(args.iters),

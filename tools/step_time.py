@@ -3,24 +3,21 @@
 
     python tools/step_time.py --config-file configs/Shapes/DecoupledSOLO_R18_shapes.yaml [KEY VALUE ...]
 
-A step is what the trainer does per iteration minus data loading: forward and losses (under
-autocast when ``SOLVER.AMP.ENABLED``, as :func:`solo_d2.trainer.build_train_loop` runs it),
-backward and the optimizer step (the config's optimizer, with its gradient clipping). Batches are
-loaded before timing (``DATALOADER.NUM_WORKERS 0``), so the figure excludes data loading; the
-trainer's "time" in its log includes it. Prints the median and range over ``--steps`` steps after
-``--warmup`` steps.
+A step is the trainer's own: the inner loop that :meth:`solo_d2.engine.Trainer.build_train_loop`
+builds for the config (float32, or autocast when ``SOLVER.AMP.ENABLED``) runs its ``run_step``:
+forward and losses, backward, the finite-loss check and metric writing, and the optimizer step
+(the config's optimizer, with its gradient clipping). Batches are loaded before timing
+(``DATALOADER.NUM_WORKERS 0``), so the figure excludes data loading; the trainer's "time" in its
+log includes it. Prints the median and range over ``--steps`` steps after ``--warmup`` steps.
 """
 import argparse
-import contextlib
 import logging
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import load_cfg
 
 
 def main(argv=None):
@@ -32,47 +29,32 @@ def main(argv=None):
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = p.parse_args(argv)
 
-    from detectron2.config import get_cfg
     from detectron2.data import build_detection_train_loader
+    from detectron2.utils.events import EventStorage
 
-    from solo_d2 import add_solo_config
-    from solo_d2.trainer import Trainer
+    from solo_d2.engine import Trainer, amp_precision
 
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts + ["DATALOADER.NUM_WORKERS", "0"])
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_cfg(args.config_file, args.opts + ["DATALOADER.NUM_WORKERS", "0"])
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)
     model.train()
     optimizer = Trainer.build_optimizer(cfg, model)
     loader = iter(build_detection_train_loader(cfg))
     batches = [next(loader) for _ in range(args.warmup + args.steps)]
-    amp = cfg.SOLVER.AMP.ENABLED
-    device = torch.device(cfg.MODEL.DEVICE).type
-    precision = "float32"
-    autocast = contextlib.nullcontext
-    if amp:
-        from solo_d2.trainer import amp_precision
-
-        dtype = amp_precision(cfg)
-        precision = str(dtype).replace("torch.", "")
-        autocast = lambda: torch.autocast(device, dtype=dtype)  # noqa: E731
+    loop = Trainer.build_train_loop(cfg, model, batches, optimizer)
+    precision = str(amp_precision(cfg)).replace("torch.", "") if cfg.SOLVER.AMP.ENABLED else "float32"
+    cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
     times = []
-    for batch in batches:
-        start = time.perf_counter()
-        with autocast():
-            losses = sum(model(batch).values())
-        optimizer.zero_grad()
-        losses.backward()
-        optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    with EventStorage(0) as storage:
+        for i in range(len(batches)):
+            loop.iter = storage.iter = i
+            start = time.perf_counter()
+            loop.run_step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
     t = [x * 1000 for x in times[args.warmup :]]
     print(
         f"{args.config_file} {' '.join(args.opts)}: {precision}, batch {cfg.SOLVER.IMS_PER_BATCH}, "

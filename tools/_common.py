@@ -1,0 +1,82 @@
+"""Rigging shared by the scripts in ``tools/`` (imported as ``import _common``: a script's own
+folder is on ``sys.path`` when it runs as ``python tools/NAME.py``).
+
+Importing this module puts the repository root first on ``sys.path``, so the scripts use the
+checkout's ``solo_d2``. It also holds the model set-up that the speed benchmark and the FLOP
+count share, so that both measure the same thing.
+"""
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+__all__ = ["REPO", "load_cfg", "is_solo", "calibrate_frozen_bn", "force_candidates"]
+
+
+def load_cfg(config_file=None, opts=(), model_zoo=None, device=None):
+    """:func:`solo_d2.get_solo_cfg` of a config file, or of a Detectron2 model-zoo config
+    (``model_zoo``, e.g. ``"COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"``), then
+    ``opts``; ``device`` (when given) replaces ``MODEL.DEVICE``. Unfrozen."""
+    from solo_d2 import get_solo_cfg
+
+    if model_zoo:
+        from detectron2 import model_zoo as zoo
+
+        config_file = zoo.get_config_file(model_zoo)
+    cfg = get_solo_cfg(config_file, opts)
+    if device is not None:
+        cfg.MODEL.DEVICE = device
+    return cfg
+
+
+def is_solo(model):
+    return type(model).__name__ == "SOLO"
+
+
+def calibrate_frozen_bn(model, image):
+    """Set every FrozenBatchNorm2d's statistics to those of its input on ``image``, layer by
+    layer in forward order, so random-weight activations have unit scale as in a trained
+    network (with identity statistics they grow to ~1e4 through ResNet-50, which breaks the
+    RPN's proposals and is not what a trained model computes)."""
+    import torch
+    from detectron2.layers import FrozenBatchNorm2d
+
+    def hook(module, inputs):
+        x = inputs[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, FrozenBatchNorm2d)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        model.backbone(images.tensor)
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+
+
+def force_candidates(model):
+    """Random weights -> the heaviest postprocess the config allows: SOLO's category biases at 0
+    (every cell a candidate, so NMS_PRE of them) and random mask outputs; Mask R-CNN's class
+    scores peaked, so that a few classes pass its 0.05 threshold."""
+    import torch
+
+    if not is_solo(model):
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            bias = model.roi_heads.box_predictor.cls_score.bias
+            bias.copy_(torch.randn(bias.shape, generator=g) * 3.0)
+        return
+    with torch.no_grad():
+        model.head.cate_pred.bias.zero_()
+        g = torch.Generator().manual_seed(1)
+        for p in model.head.mask_output_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            else:
+                p.zero_()
