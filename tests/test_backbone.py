@@ -1,17 +1,15 @@
 """The narrow ResNet-18/34-FPN backbone: Detectron2's at width 64, any width otherwise."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 
-from solo_d2 import add_solo_config
+from solo_d2 import get_solo_cfg
 
 
 def r18_cfg(width=64, norm="GN"):
-    cfg = get_cfg()
-    add_solo_config(cfg)
+    cfg = get_solo_cfg(device_fallback=False)
     cfg.MODEL.BACKBONE.NAME = "build_narrow_resnet_fpn_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.RESNETS.DEPTH = 18

@@ -6,17 +6,13 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import solo_d2
-from conftest import REPO
+from helpers import REPO, solo_test_cfg
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 
 
 def _load(path):
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(str(REPO / path))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return solo_test_cfg(str(REPO / path))
 
 
 def test_all_configs_are_listed():
@@ -64,6 +60,7 @@ def test_add_solo_config_is_idempotent_and_local():
     assert "SOLO" not in get_cfg().MODEL  # Detectron2's global defaults are untouched
 
 
+@pytest.mark.slow
 def test_flop_count_traces_the_model():
     # Detectron2's FlopCountAnalysis traces the model with the JIT tracer (also what export
     # tools do): the whole inference path, postprocess included, must be traceable.

@@ -4,18 +4,15 @@ for bad input."""
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import solo_d2
-from conftest import CLASSES, REPO, TINY_CONFIG, make_image
+from helpers import CLASSES, make_image, run_train_net
 from solo_d2.data.coco_json import CocoDatasetError, register_custom_coco, register_custom_datasets, validate_coco_json
 from solo_d2.data.mapper import FileNamingDatasetMapper, ImageLoadError
 
@@ -100,16 +97,11 @@ def test_registration_maps_non_contiguous_ids(coco):
     assert register_custom_coco("test_custom_reg", json_path, img_dir) == 5
 
 
-def _train_net(args, cwd, timeout=300):
-    env = dict(os.environ, SOLO_D2_DATASETS=str(cwd / "datasets"), OMP_NUM_THREADS="2")
-    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", TINY_CONFIG, *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
+@pytest.mark.slow
 def test_train_net_round_trip_on_a_custom_dataset(coco, tmp_path):
     json_path, img_dir, _ = coco
     out = tmp_path / "out"
-    proc = _train_net(
+    proc = run_train_net(
         ["--train-json", str(json_path), "--train-images", str(img_dir),
          "--val-json", str(json_path), "--val-images", str(img_dir),
          "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(out), *LOW_THRESHOLD_OPTS],
@@ -119,19 +111,18 @@ def test_train_net_round_trip_on_a_custom_dataset(coco, tmp_path):
     assert proc.returncode == 0, log[-4000:]
     assert "Evaluation results for segm" in log
     assert (out / "model_final.pth").is_file()
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(str(out / "config.yaml"))
+    cfg = solo_d2.get_solo_cfg(str(out / "config.yaml"))
     assert cfg.MODEL.SOLO.NUM_CLASSES == 5  # from the json's categories (the tiny config has 4)
     assert cfg.DATASETS.TRAIN == ("custom_train",) and cfg.DATASETS.TEST == ("custom_val",)
     results = json.loads((out / "inference" / "custom_val" / "coco_instances_results.json").read_text())
     assert results and {r["category_id"] for r in results} <= {3, 7, 11, 20, 25}  # mapped back
 
 
+@pytest.mark.slow
 def test_train_net_bad_dataset_fails_before_training(coco, tmp_path):
     json_path, img_dir, _ = coco
     os.remove(img_dir / "im2.png")
-    proc = _train_net(["--train-json", str(json_path), "--train-images", str(img_dir),
+    proc = run_train_net(["--train-json", str(json_path), "--train-images", str(img_dir),
                        "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(tmp_path / "out")], tmp_path)
     assert proc.returncode != 0
     assert "CocoDatasetError" in proc.stderr and "im2.png" in proc.stderr and "image id 102" in proc.stderr
@@ -181,7 +172,7 @@ def test_truncated_image_is_named_up_front_or_by_the_mapper(coco, tmp_path):
     with pytest.raises(CocoDatasetError, match=r"im0\.png: cannot read the image"):
         validate_coco_json(str(json_path), str(img_dir), check_images="decode")  # ...unless decoded
     # During training the mapper names the file.
-    from conftest import tiny_cfg
+    from helpers import tiny_cfg
 
     mapper = FileNamingDatasetMapper(tiny_cfg(), is_train=True)
     register_custom_coco("test_custom_trunc", json_path, img_dir)

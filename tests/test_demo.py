@@ -9,11 +9,10 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import solo_d2
-from conftest import REPO, TINY_CONFIG, make_image
+from helpers import REPO, TINY_CONFIG, make_image, solo_test_cfg
 from solo_d2.visualize import setup_demo_cfg, side_by_side, visualize_dataset
 
 SHAPES_CONFIGS = ["configs/Shapes/SOLO_R18_shapes.yaml", "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"]
@@ -133,10 +132,7 @@ def test_visualize_dataset_side_by_side(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("path", SHAPES_CONFIGS)
 def test_shapes_demo_configs(path):
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(str(REPO / path))
-    cfg.MODEL.DEVICE = "cpu"
+    cfg = solo_test_cfg(str(REPO / path))
     assert cfg.DATASETS.TRAIN == ("shapes_train_large",) and cfg.DATASETS.TEST == ("shapes_val",)
     assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.MODEL.RESNETS.DEPTH == 18
     assert cfg.MODEL.RESNETS.NORM == "GN" and cfg.MODEL.FPN.NORM == "GN"
@@ -158,9 +154,7 @@ def test_shapes_grid_cells_are_small_enough_for_the_category_branch(path):
     class, chance 25%; BENCHMARKS.md). An object's centre lies at most half a cell from its cell's centre in x and in y,
     so a disc of the smallest size of the level contains the sample point iff
     cell * sqrt(2) / 2 < size / 2. Level 0 (lower bound 1 px) is exempt."""
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    cfg.merge_from_file(str(REPO / path))
+    cfg = solo_test_cfg(str(REPO / path))
     side = cfg.INPUT.MIN_SIZE_TEST
     assert cfg.INPUT.MAX_SIZE_TEST == side and cfg.INPUT.MIN_SIZE_TRAIN == (side,)
     for s, (lo, _) in list(zip(cfg.MODEL.SOLO.NUM_GRIDS, cfg.MODEL.SOLO.SCALE_RANGES))[1:]:
@@ -171,10 +165,7 @@ def test_shapes_grid_cells_are_small_enough_for_the_category_branch(path):
 def test_decoupled_shapes_config_differs_only_in_the_head_and_its_prior():
     cfgs = []
     for path in SHAPES_CONFIGS:
-        cfg = get_cfg()
-        solo_d2.add_solo_config(cfg)
-        cfg.merge_from_file(str(REPO / path))
-        cfgs.append(cfg)
+        cfgs.append(solo_test_cfg(str(REPO / path)))
     solo, decoupled = cfgs
     assert decoupled.MODEL.SOLO.HEAD_TYPE == "DecoupledSOLOHead" and solo.MODEL.SOLO.HEAD_TYPE == "SOLOHead"
     assert decoupled.MODEL.SOLO.MASK_PRIOR_PROB == 0.1 and solo.MODEL.SOLO.MASK_PRIOR_PROB == 0.0
@@ -216,3 +207,39 @@ def test_ap_breakdown_separates_classification_from_masks(tmp_path, capsys):
     assert "square: AP 50.5" in out and "circle: AP nan" in out
     assert "classification: 50.0% right class of the 2 / 2 GT objects found" in out
     assert "chance 50.0%" in out
+
+
+class _WritesMarker:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_visualization_refuses_a_crafted_pickle_and_runs_nothing(tiny_dataset, tmp_path, monkeypatch, suffix):
+    # VisualizationDemo (what demo/demo.py runs) and visualize_dataset load weights through
+    # SOLOPredictor's safe loader: a weights file whose unpickling would run code is refused.
+    import pickle
+
+    from solo_d2.checkpoint import UNSAFE_LOAD_ENV, UnsafeCheckpointError
+    from solo_d2.visualize import VisualizationDemo
+
+    monkeypatch.delenv(UNSAFE_LOAD_ENV, raising=False)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / f"evil{suffix}"
+    if suffix == ".pth":
+        import torch
+
+        torch.save({"model": {}, "extra": _WritesMarker(marker)}, evil)
+    else:
+        evil.write_bytes(pickle.dumps({"model": {}, "__author__": _WritesMarker(marker)}))
+    cfg = setup_demo_cfg(TINY_CONFIG, ["MODEL.WEIGHTS", str(evil), "DATASETS.TEST", f"('{tiny_dataset}',)"])
+    with pytest.raises(UnsafeCheckpointError, match="evil"):
+        VisualizationDemo(cfg)
+    with pytest.raises(UnsafeCheckpointError, match="evil"):
+        visualize_dataset(cfg, tiny_dataset, str(tmp_path / "vis"), num_images=1)
+    assert not marker.exists()

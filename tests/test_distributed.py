@@ -14,20 +14,18 @@ then identical by construction and the numbers equal up to float rounding.
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
 
-from conftest import REPO, TINY_CONFIG, tiny_cfg
+from helpers import tiny_cfg
 from solo_d2.checkpoint import SafeDetectionCheckpointer
 from solo_d2.data.samplers import ResumableTrainingSampler
 from solo_d2.data.mapper import FileNamingDatasetMapper
 from solo_d2.engine import Trainer
-from test_reliability import driver_cmd, driver_env, finish, make_driver_dataset, start
+from helpers import driver_cmd, driver_env, finish, make_driver_dataset, start, subprocess_env, train_net_cmd
 
 ITERS = 4
 BATCH = 2  # total; 1 image per rank with 2 processes
@@ -40,7 +38,7 @@ BATCH = 2  # total; 1 image per rank with 2 processes
 RTOL = 1e-6
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 def _free_port():
@@ -150,26 +148,23 @@ def test_only_rank_zero_writes_checkpoints_and_metrics(two_process_run):
 
 def test_two_machines_on_loopback(tmp_path):
     port = _free_port()
-    env = dict(os.environ, SOLO_D2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
+    env = subprocess_env(tmp_path, threads=1)
     procs = []
     for machine_rank in (0, 1):
-        cmd = [
-            sys.executable, str(REPO / "train_net.py"), "--config-file", TINY_CONFIG,
+        cmd = train_net_cmd(
             "--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(machine_rank),
             "--dist-url", f"tcp://127.0.0.1:{port}",
             "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
             "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(tmp_path / f"machine{machine_rank}"),
-        ]
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        )
+        procs.append(start(cmd, env, tmp_path))
     results = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        results.append((p.returncode, out))
+    try:
+        for p in procs:
+            results.append(finish(p, timeout=240))
+    finally:
+        for q in procs:
+            q.kill()
     for rc, out in results:
         assert rc == 0, out[-4000:]
     m0, m1 = tmp_path / "machine0", tmp_path / "machine1"

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 
-from conftest import tiny_cfg
+from helpers import tiny_cfg
 from solo_d2.modeling import DecoupledSOLOHead, SOLOHead, build_solo_head
 from solo_d2.modeling.layers import DeformConv3x3
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from conftest import CLASSES, instances, tiny_cfg, write_dataset
+from helpers import CLASSES, instances, tiny_cfg, write_dataset
 from solo_d2.data.mapper import ImageLoadError
 from solo_d2.predictor import SOLOPredictor
 from solo_d2.engine import Trainer
@@ -190,3 +190,26 @@ def test_unreadable_dataset_image_names_the_file(tmp_path, problem, split):
     with pytest.raises(ImageLoadError, match=str(path).replace("\\", "\\\\")) as exc:
         next(loader)
     assert "hostile" in str(exc.value)
+
+
+def test_predictor_falls_back_to_cpu_when_the_cfg_says_cuda(monkeypatch):
+    # The README's snippet on a CPU-only machine: a cfg that says cuda gives a working CPU predictor.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tiny_cfg()
+    cfg.MODEL.DEVICE = "cuda"
+    cfg.freeze()
+    predictor = SOLOPredictor(cfg)
+    assert predictor.cfg.MODEL.DEVICE == "cpu" and cfg.MODEL.DEVICE == "cuda"
+    assert next(predictor.model.parameters()).device.type == "cpu"
+    out = predictor(np.zeros((40, 50, 3), np.uint8))
+    assert out["instances"].image_size == (40, 50)
+
+
+def test_get_solo_cfg_decides_the_device_once(monkeypatch):
+    from solo_d2 import get_solo_cfg, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cuda") == "cpu" and resolve_device("cuda:1") == "cpu"
+    assert resolve_device("cpu") == "cpu"
+    assert get_solo_cfg(opts=["MODEL.DEVICE", "cuda"]).MODEL.DEVICE == "cpu"
+    assert get_solo_cfg(opts=["MODEL.DEVICE", "cuda"], device_fallback=False).MODEL.DEVICE == "cuda"

@@ -5,7 +5,7 @@ import torch
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 
-from conftest import tiny_cfg, write_dataset
+from helpers import tiny_cfg, write_dataset
 from solo_d2.data.mapper import FileNamingDatasetMapper, ResizeShortestEdgeOrKeep
 
 

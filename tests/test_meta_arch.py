@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.visualizer import Visualizer
 
-from conftest import instances, tiny_cfg
+from helpers import instances, tiny_cfg
 
 HEADS = ["SOLOHead", "DecoupledSOLOHead"]
 

@@ -6,25 +6,21 @@ SIGKILL itself at a chosen point) and resume it with ``--resume``: the resumed r
 """
 import hashlib
 import io
-import json
 import logging
 import os
 import pickle
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from detectron2.engine import HookBase
-from detectron2.structures import BoxMode
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import get_event_storage
 
-from conftest import CLASSES, REPO, TINY_CONFIG, tiny_cfg, write_dataset
+from helpers import driver_cmd, driver_env, finish, make_driver_dataset, start, tiny_cfg, write_dataset
 from solo_d2.checkpoint import (
     SafeDetectionCheckpointer,
     UnsafeCheckpointError,
@@ -33,138 +29,6 @@ from solo_d2.checkpoint import (
 from solo_d2.data.samplers import ResumableTrainingSampler
 from solo_d2.modeling.meta_arch import SOLO
 from solo_d2.engine import Trainer
-
-# A copy of train_net.py's main() that registers a test dataset (from $SOLO_TEST_DATASET) in every
-# process, records the losses of every iteration (rank 0) and can SIGKILL itself after iteration
-# --kill-after-iter (after that iteration's checkpoint is written) or half-way through writing the
-# checkpoint file whose name contains --kill-during-save.
-DRIVER = r'''
-import io, json, os, signal, sys
-import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import HookBase, default_argument_parser, launch
-from detectron2.structures import BoxMode
-from detectron2.utils import comm
-
-import solo_d2  # noqa: F401
-from solo_d2.engine import Trainer, setup_cfg
-
-
-def register():
-    spec = json.loads(os.environ["SOLO_TEST_DATASET"])
-    if spec["name"] in DatasetCatalog.list():
-        return
-    with open(spec["json"]) as f:
-        dicts = json.load(f)
-    for d in dicts:
-        for a in d["annotations"]:
-            a["bbox_mode"] = BoxMode(a["bbox_mode"])
-    DatasetCatalog.register(spec["name"], lambda: dicts)
-    MetadataCatalog.get(spec["name"]).set(thing_classes=spec["classes"])
-
-
-class KillAfterIter(HookBase):
-    def __init__(self, it):
-        self.it = it
-
-    def after_step(self):
-        if self.trainer.iter == self.it:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class RecordLosses(HookBase):
-    def __init__(self, path):
-        self.path = path
-
-    def after_train(self):
-        if comm.is_main_process():
-            s = self.trainer.storage
-            out = {k: [[it, v] for v, it in s.history(k).values()]
-                   for k in ("loss_cate", "loss_mask", "total_loss") if k in s.histories()}
-            with open(self.path, "w") as f:
-                json.dump(out, f)
-
-
-def kill_during_save(name):
-    real_save = torch.save
-
-    def save(obj, f, *args, **kwargs):
-        if name in str(getattr(f, "name", "")):
-            buf = io.BytesIO()
-            real_save(obj, buf, *args, **kwargs)
-            data = buf.getvalue()
-            f.write(data[: len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_save(obj, f, *args, **kwargs)
-
-    torch.save = save
-
-
-def main(args):
-    register()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    cfg = setup_cfg(args)
-    if args.kill_during_save:
-        kill_during_save(args.kill_during_save)
-    trainer = Trainer(cfg)
-    extra = [RecordLosses(os.path.join(cfg.OUTPUT_DIR, "losses_%d.json" % os.getpid()))]
-    if args.kill_after_iter >= 0:
-        extra.append(KillAfterIter(args.kill_after_iter))
-    trainer.register_hooks(extra)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()
-
-
-register()
-
-if __name__ == "__main__":
-    parser = default_argument_parser()
-    parser.add_argument("--kill-after-iter", type=int, default=-1)
-    parser.add_argument("--kill-during-save", default="")
-    args = parser.parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
-'''
-
-
-def make_driver_dataset(root: Path, name: str, num_images: int, seed: int) -> dict:
-    """Write a tiny dataset for the driver; returns the env entries that make the driver see it."""
-    dicts = write_dataset(root, name, num_images, seed=seed)
-    for d in dicts:
-        for a in d["annotations"]:
-            a["bbox_mode"] = int(a["bbox_mode"])
-    (root / f"{name}.json").write_text(json.dumps(dicts))
-    (root / "driver.py").write_text(DRIVER)
-    spec = {"name": name, "json": str(root / f"{name}.json"), "classes": list(CLASSES)}
-    return {"SOLO_TEST_DATASET": json.dumps(spec), "SOLO_TEST_DRIVER": str(root / "driver.py")}
-
-
-def driver_cmd(env, out_dir, *args, opts=()):
-    return [
-        sys.executable, env["SOLO_TEST_DRIVER"], "--config-file", TINY_CONFIG, *args,
-        "DATASETS.TRAIN", f"('{json.loads(env['SOLO_TEST_DATASET'])['name']}',)", "DATASETS.TEST", "()",
-        "SEED", "0", "OUTPUT_DIR", str(out_dir), *opts,
-    ]
-
-
-def driver_env(extra, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
-    env["SOLO_D2_DATASETS"] = str(tmp_path / "datasets")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
-def start(cmd, env, cwd):
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc, timeout=300):
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
 
 def state_of(model_file):
     return torch.load(model_file, map_location="cpu", weights_only=True)
@@ -238,6 +102,7 @@ def _assert_same_weights(a_file, b_file):
     assert not diff, f"{len(diff)} tensors differ, max abs diff {max(diff.values()):.3g}: {sorted(diff)[:5]}"
 
 
+@pytest.mark.slow
 def test_reference_run_trains(crash_runs):
     first = crash_runs["first"]["reference"]
     assert first["rc"] == 0, first["log"][-3000:]
@@ -246,6 +111,7 @@ def test_reference_run_trains(crash_runs):
     assert not [f for f in first["files"] if ".tmp" in f]
 
 
+@pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_gives_identical_weights(crash_runs):
     first = crash_runs["first"]["killed_after_save"]
     assert first["rc"] == -signal.SIGKILL, first["log"][-3000:]
@@ -266,6 +132,7 @@ def test_sigkill_after_checkpoint_then_resume_gives_identical_weights(crash_runs
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_then_resume(crash_runs):
     first = crash_runs["first"]["killed_during_save"]
     assert first["rc"] == -signal.SIGKILL, first["log"][-3000:]
@@ -302,6 +169,7 @@ def small_dataset(tmp_path_factory):
     return "reliability_train"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_naming_term_and_iteration(small_dataset, tmp_path, monkeypatch):
     real_losses = SOLO.losses
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from detectron2.structures import BitMasks, Instances
 
-from conftest import instances
+from helpers import instances
 from solo_d2.modeling import SOLOTargetGenerator
 
 # The tiny config's grids, reference ranges scaled to 128 px; mask strides [4, 4, 8, 16, 16] on a 128x128 canvas.

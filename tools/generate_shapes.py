@@ -8,7 +8,7 @@ and prints the json's path. Bad arguments exit with status 2 and a one-line mess
 """
 import argparse
 
-import _common  # noqa: F401  (makes the repository's solo_d2 importable)
+import _common  # noqa: F401  (puts the repository's solo_d2 first on sys.path)
 from solo_d2.data.shapes import generate_shapes_dataset
 
 

@@ -145,7 +145,7 @@ class SOLOTargetGenerator:
         # Per-instance geometry comes from per-row and per-column counts of the (unpadded)
         # masks: area, mass centre (float64: index sums of large masks exceed float32) and,
         # when boxes are absent, extents.
-        masks, classes, boxes, img_of, area, cy, cx, bw, bh = [], [], [], [], [], [], [], [], []
+        masks, classes, img_of, area, cy, cx, bw, bh = [], [], [], [], [], [], [], []
         for b, inst in enumerate(gt_instances):
             if len(inst) == 0:
                 continue
