@@ -106,16 +106,16 @@ def add_solo_config(cfg):
     _C.MODEL.SOLO.SCORE_THRESH_TEST = 0.1
     # Threshold that binarises soft masks (for area, maskness, Matrix NMS and the output masks).
     _C.MODEL.SOLO.MASK_THRESH_TEST = 0.5
+    # Drop detections whose score after Matrix NMS decay is below this.
+    _C.MODEL.SOLO.UPDATE_THRESH_TEST = 0.05
+    # Maximum number of detections per image.
+    _C.MODEL.SOLO.MAX_PER_IMAGE = 100
     # Keep at most this many candidates (by category score) before forming their masks.
     _C.MODEL.SOLO.NMS_PRE = 500
     # Matrix NMS kernel: "gaussian" or "linear".
     _C.MODEL.SOLO.NMS_KERNEL = "gaussian"
     # Sigma of the gaussian Matrix NMS kernel.
     _C.MODEL.SOLO.NMS_SIGMA = 2.0
-    # Drop detections whose score after Matrix NMS decay is below this.
-    _C.MODEL.SOLO.UPDATE_THRESH_TEST = 0.05
-    # Maximum number of detections per image.
-    _C.MODEL.SOLO.MAX_PER_IMAGE = 100
 
     # Run the backbone (ResNet + FPN) in channels-last memory format: faster convolutions on CPU
     # for a BatchNorm ResNet (BENCHMARKS.md, "Speed and memory"). The head always sees standard (N, C, H, W)

@@ -61,11 +61,11 @@ class SOLO(nn.Module):
         in_features: Sequence[str],
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        channels_last: bool = False,
         loss_cate_weight: float = 1.0,
         loss_mask_weight: float = 3.0,
         focal_loss_alpha: float = 0.25,
         focal_loss_gamma: float = 2.0,
-        channels_last: bool = False,
     ):
         """
         Args:

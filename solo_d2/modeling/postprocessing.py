@@ -88,8 +88,9 @@ class SOLOPostProcessor:
             candidate whose binary mask has ``area <= min_areas[level]`` is dropped. The
             reference uses each level's category stride ([8, 8, 16, 32, 32]), which
             :meth:`from_config` derives from the backbone's feature strides.
-        score_thresh, mask_thresh, nms_pre, nms_kernel, nms_sigma, update_thresh,
-        max_per_image: see ``MODEL.SOLO.*_TEST`` in :mod:`solo_d2.config`.
+        score_thresh, mask_thresh, update_thresh, max_per_image, nms_pre, nms_kernel,
+        nms_sigma: see ``MODEL.SOLO.*_TEST``, ``MAX_PER_IMAGE`` and ``NMS_*`` in
+        :mod:`solo_d2.config`.
     """
 
     @configurable
@@ -98,13 +99,14 @@ class SOLOPostProcessor:
         num_classes: int,
         num_grids: Sequence[int],
         min_areas: Sequence[float],
+        *,
         score_thresh: float = 0.1,
         mask_thresh: float = 0.5,
+        update_thresh: float = 0.05,
+        max_per_image: int = 100,
         nms_pre: int = 500,
         nms_kernel: str = "gaussian",
         nms_sigma: float = 2.0,
-        update_thresh: float = 0.05,
-        max_per_image: int = 100,
     ):
         if nms_kernel not in ("gaussian", "linear"):
             raise ValueError(
