@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every figure in BENCHMARKS.md comes from this script (CPU, 2 threads, one quiet machine).
+# The speed, memory, target-generation, FLOP and equal-time figures of BENCHMARKS.md come from
+# this script (CPU, 2 threads, one quiet machine); the other figures (make demo, the learning
+# runs, step times, the soak) name their own command beside them.
 #   bash tools/run_benchmarks.sh [OUT_DIR]        (about 35 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
