@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Tests and the demo use both cores; torch would otherwise oversubscribe.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast demo clean
 
 # Idempotent: each step is skipped when its stamp (or a working import) says it is done.
 setup: $(VENV)/.solo_d2_installed
@@ -20,6 +20,10 @@ $(VENV)/.solo_d2_installed: setup.cfg setup.py tools/install_detectron2.sh
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Without the end-to-end trainings (pytest marker "slow"): a quick loop while editing.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(PY) tools/demo_run.py

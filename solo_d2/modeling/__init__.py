@@ -2,12 +2,14 @@
 narrow ResNet-FPN backbone."""
 from .backbone import build_narrow_resnet_backbone, build_narrow_resnet_fpn_backbone
 from .heads import SOLO_HEAD_REGISTRY, DecoupledSOLOHead, SOLOHead, build_solo_head
+from .input_checks import check_batched_inputs
 from .meta_arch import SOLO
 from .postprocessing import SOLOPostProcessor, matrix_nms, point_nms
 from .targets import LevelTargets, SOLOTargetGenerator
 
 __all__ = [
     "SOLO",
+    "check_batched_inputs",
     "SOLOHead",
     "DecoupledSOLOHead",
     "SOLO_HEAD_REGISTRY",
