@@ -63,7 +63,6 @@ def train_for(cfg, minutes, points, name, out_dir):
     cfg.SOLVER.STEPS = ()
     cfg.SOLVER.CHECKPOINT_PERIOD = 10**7
     cfg.TEST.EVAL_PERIOD = 0
-    cfg.MODEL.DEVICE = "cpu" if not torch.cuda.is_available() else cfg.MODEL.DEVICE
     cfg.freeze()
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
