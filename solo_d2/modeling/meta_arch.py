@@ -6,10 +6,12 @@ validates its own arguments, ``SOLO`` only that they agree on the levels.
 
 Not built on Detectron2's ``DenseDetector``: of what it offers, SOLO would keep only the pixel
 buffers and the ``device`` property (a few lines). Its ``preprocess_image`` has no input checks
-(:func:`check_batched_inputs`) and no channels-last backbone, and its ``forward`` skeleton
-transposes per-anchor predictions and rescales results with ``detector_postprocess``, which
-handles box-relative ROI masks, not SOLO's full-image masks (SOLO pastes its masks directly at
-the requested output size), so ``forward`` and ``preprocess_image`` would be overridden anyway.
+(:func:`check_batched_inputs`); its ``forward`` runs the backbone without SOLO's channels-last
+option and ends inference with ``detector_postprocess``, which takes ``pred_masks`` as
+box-relative (N, 1, M, M) ROI masks, not SOLO's full-image masks (SOLO pastes its masks directly
+at the requested output size). ``forward`` and ``preprocess_image`` would be overridden, so the
+base class would add an unused contract (``forward_training`` / ``forward_inference``) and save
+almost nothing.
 """
 from typing import Dict, List, Sequence
 
