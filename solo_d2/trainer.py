@@ -269,7 +269,10 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(model, broadcast_buffers=False)
         self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # strict_heads=False: fine-tuning may re-initialise head parameters (logged as a warning).
+        self.checkpointer = SafeDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, strict_heads=False, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
