@@ -376,8 +376,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 f"out with strict_heads=False / {PARTIAL_WEIGHTS_ENV}=1 / --allow-partial-weights."
             )
         self.logger.warning(
-            "Fine-tuning from a checkpoint that does not fully fit the model: these parameters "
-            "keep their initial values and are trained from scratch: " + "; ".join(problems)
+            "Training from a checkpoint that does not fully fit the model (expected when starting "
+            "from backbone-only weights or changing NUM_CLASSES / the head type): these "
+            "parameters keep their initial values and are trained from scratch: "
+            + "; ".join(problems)
         )
 
     def _log_incompatible_keys(self, incompatible) -> None:

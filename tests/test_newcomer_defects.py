@@ -183,7 +183,7 @@ def test_fine_tuning_keeps_a_warning_naming_the_reinitialised_head(checkpoints, 
     finally:
         trainer.checkpointer.logger.removeHandler(handler)
     log = stream.getvalue()
-    assert "Fine-tuning from a checkpoint that does not fully fit" in log
+    assert "Training from a checkpoint that does not fully fit the model" in log
     assert "keep their initial values" in log and "head.cate_pred.weight" in log
     backbone_key = "backbone.bottom_up.stem.conv1.weight"
     assert torch.equal(trainer.model.state_dict()[backbone_key], checkpoints["three_classes_state"][backbone_key])
