@@ -411,3 +411,17 @@ def test_duplicate_category_names_are_reported(tmp_path):
     path = _coco(tmp_path / "d", categories=cats)
     with pytest.raises(CocoDatasetError, match=r"duplicate category name 'thing' \(category ids \[1, 5\]\)"):
         validate_coco_json(str(path), str(tmp_path / "d"))
+
+
+def test_validator_accepts_16bit_and_refuses_float_images(tmp_path, images16):
+    root = tmp_path / "d"
+    root.mkdir()
+    src, _, _ = images16
+    (root / "g.png").write_bytes((src / "gray16.png").read_bytes())
+    Image.fromarray(np.zeros((48, 64), np.float32), mode="F").save(root / "f.tif")
+    images = [{"id": 1, "file_name": "g.png", "height": 48, "width": 64},
+              {"id": 2, "file_name": "f.tif", "height": 48, "width": 64}]
+    path = _coco(root, images=images, size=(48, 64))
+    with pytest.raises(CocoDatasetError, match=r"image id 2: .*f\.tif: a floating-point image") as exc:
+        validate_coco_json(str(path), str(root))
+    assert "g.png" not in str(exc.value)

@@ -169,11 +169,17 @@ def _check_image_file(path, check):
         return None, None
     try:
         size = _oriented_image_size(path)
-        if check == "decode":
-            from PIL import Image
+        from PIL import Image
 
-            with Image.open(path) as im:
+        from .image_io import to_8bit
+
+        with Image.open(path) as im:
+            if check == "decode":
                 im.load()
+                to_8bit(im, path)  # 32-bit / float images without an 8-bit scale: ValueError
+            elif im.mode == "F":
+                return ("a floating-point image (PIL mode 'F'): training and the demo read "
+                        "8- or 16-bit images"), None
     except Exception as e:  # PIL raises many kinds: UnidentifiedImageError, OSError, ...
         return f"cannot read the image ({type(e).__name__}: {e})", None
     return None, size
