@@ -15,11 +15,9 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.data import MetadataCatalog
 from PIL import Image
 
-import solo_d2
-from conftest import CLASSES, REPO, TINY_CONFIG, make_image, tiny_cfg
+from conftest import REPO, TINY_CONFIG, make_image, tiny_cfg
 from solo_d2.checkpoint import (
     PARTIAL_WEIGHTS_ENV,
     CheckpointFileError,

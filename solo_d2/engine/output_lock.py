@@ -13,7 +13,8 @@ the pid and the host of the run that holds it.
 - Only the main process (rank 0) takes it (:func:`output_dir_lock`); it is released when the
   context exits and, for a process that ends without leaving it, at interpreter exit (atexit). A
   process killed with SIGKILL leaves the file behind; the next run finds its pid gone and takes
-  it over.
+  it over. (Should the dead run's pid have been reused by a new, unrelated process, the lock looks
+  alive: the message names the pid, so check it and delete the lock file.)
 - ``train_net.py --eval-only`` takes the same lock: it is allowed into the folder of a finished
   run (the usual Detectron2 workflow: it writes ``OUTPUT_DIR/inference/`` and appends to
   ``log.txt``), but not while a training run (or another evaluation) is live there, because
