@@ -432,3 +432,18 @@ def test_validator_accepts_16bit_and_refuses_float_images(tmp_path, images16):
     with pytest.raises(CocoDatasetError, match=r"image id 2: .*f\.tif: a floating-point image") as exc:
         validate_coco_json(str(path), str(root))
     assert "g.png" not in str(exc.value)
+
+
+def test_train_net_with_train_json_only_does_not_evaluate_on_the_configs_test_set(tmp_path):
+    path = _coco(tmp_path / "d")
+    config = tmp_path / "with_shapes_val.yaml"
+    config.write_text(f'_BASE_: "{TINY_CONFIG}"\nDATASETS:\n  TEST: ("shapes_val",)\n')
+    datasets = tmp_path / "datasets"
+    proc = _run([str(REPO / "train_net.py"), "--config-file", str(config), "--train-json", str(path),
+                 "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "1",
+                 "TEST.EVAL_PERIOD", "1", "OUTPUT_DIR", str(tmp_path / "out")],
+                env={"SOLO_D2_DATASETS": str(datasets)})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "evaluation is skipped" in log and "Evaluation results" not in log
+    assert not (datasets / "shapes").exists()  # the built-in dataset was not generated
