@@ -59,11 +59,12 @@ class FileNamingDatasetMapper(DatasetMapper):
 
     def map(self, dataset_dict):
         """``DatasetMapper.__call__`` with solo_d2's image reader (16-bit images scaled, not
-        clipped); semantic segmentation and precomputed proposals are not used by SOLO and are
-        refused."""
-        if "sem_seg_file_name" in dataset_dict or self.proposal_topk is not None:
-            raise ValueError("semantic segmentation / precomputed proposals are not supported")
+        clipped). SOLO uses no semantic segmentation (``sem_seg_file_name`` is not read) and no
+        precomputed proposals (``MODEL.LOAD_PROPOSALS`` is refused)."""
+        if self.proposal_topk is not None:
+            raise ValueError("MODEL.LOAD_PROPOSALS: SOLO uses no precomputed proposals")
         dataset_dict = copy.deepcopy(dataset_dict)
+        dataset_dict.pop("sem_seg_file_name", None)
         image = read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
         aug_input = T.AugInput(image)
