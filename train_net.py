@@ -18,9 +18,10 @@ import os
 from detectron2.engine import default_argument_parser, launch
 
 import solo_d2  # noqa: F401  (registers the SOLO meta-architecture and datasets)
-from solo_d2.checkpoint import UNSAFE_LOAD_ENV, SafeDetectionCheckpointer
+from solo_d2.checkpoint import PARTIAL_WEIGHTS_ENV, UNSAFE_LOAD_ENV, SafeDetectionCheckpointer
 from solo_d2.data.coco_json import register_custom_datasets
 from solo_d2.engine import Trainer, setup_cfg
+from solo_d2.engine.output_lock import output_dir_lock
 
 
 def argument_parser():
@@ -43,7 +44,26 @@ def argument_parser():
         help="allow checkpoints (MODEL.WEIGHTS, --resume) that need arbitrary unpickling, which can "
         "run code: only for files you trust (default: weights-only loading; such files are refused)",
     )
+    parser.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="with --eval-only: evaluate even when MODEL.WEIGHTS does not fit the model's head "
+        "(missing / other-shape head parameters, no key of the model, or empty: random weights); "
+        "default: such weights are an error naming the keys",
+    )
     return parser
+
+
+def _output_dir(args, extra_opts):
+    """cfg.OUTPUT_DIR of this run, known before setup_cfg writes into it."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    solo_d2.add_solo_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(extra_opts) + list(args.opts))
+    return cfg.OUTPUT_DIR
 
 
 def main(args):
@@ -54,6 +74,13 @@ def main(args):
         val_json=getattr(args, "val_json", None),
         val_images=getattr(args, "val_images", None),
     )
+    # One live run per OUTPUT_DIR (rank 0 holds a lock file; solo_d2/engine/output_lock.py).
+    what = "an --eval-only evaluation" if args.eval_only else "a training run"
+    with output_dir_lock(_output_dir(args, custom_opts), what):
+        return _run(args, custom_opts)
+
+
+def _run(args, custom_opts):
     cfg = setup_cfg(args, extra_opts=custom_opts)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -74,6 +101,8 @@ def invoke_main() -> None:
             parser.error(f"--{kind}-images needs --{kind}-json")
     if args.unsafe_load:
         os.environ[UNSAFE_LOAD_ENV] = "1"  # inherited by the processes that launch() starts
+    if args.allow_partial_weights:
+        os.environ[PARTIAL_WEIGHTS_ENV] = "1"
     print("Command Line Args:", args)
     launch(
         main,

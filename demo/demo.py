@@ -2,17 +2,20 @@
 """Run a trained SOLO / Decoupled SOLO model on images, a video or a webcam and draw its
 predictions with Detectron2's Visualizer (the Detectron2 ``demo/demo.py``, for solo_d2).
 
-    python demo/demo.py --config-file configs/Shapes/SOLO_R18_shapes.yaml \\
+    python demo/demo.py --config-file configs/Shapes/DecoupledSOLO_R18_shapes.yaml \\
         --input img1.png 'more/*.jpg' --output out/ --opts MODEL.WEIGHTS output/demo/model_final.pth
     python demo/demo.py --config-file CONFIG --video-input in.mp4 --output out.mp4 --opts MODEL.WEIGHTS W
     python demo/demo.py --config-file CONFIG --webcam --opts MODEL.WEIGHTS W
 
 Class names come from the metadata of ``cfg.DATASETS.TEST[0]``. Without ``--output`` the drawings
-are shown in a window (press Esc to stop).
+are shown in a window (press Esc to stop); that and ``--webcam`` need an OpenCV with GUI support
+(``pip install solo_d2[gui]``, see README): solo_d2 installs the headless one, with which the demo
+stops with one line saying so. Weights that do not fit the config's head (another head type,
+another NUM_CLASSES, another architecture) or an empty MODEL.WEIGHTS are an error naming the keys
+unless ``--allow-partial-weights`` is given.
 """
 import argparse
 import glob
-import logging
 import os
 import sys
 import time
@@ -25,15 +28,57 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import solo_d2  # noqa: E402,F401  (registers the SOLO meta-architecture and the shapes datasets)
+from solo_d2.checkpoint import UnsafeCheckpointError  # noqa: E402
 from solo_d2.visualize import VisualizationDemo, read_image_bgr, setup_demo_cfg  # noqa: E402
 
 WINDOW_NAME = "solo_d2"
+#: The config ``make demo`` trains (tools/demo_run.py), whose weights are output/demo/model_final.pth.
+DEFAULT_CONFIG = "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"
+
+
+class NoGUIError(OSError):
+    """The installed OpenCV cannot open windows (opencv-python-headless)."""
+
+
+def opencv_has_gui() -> bool:
+    """Whether this OpenCV build has a GUI backend (GTK, Qt, Win32, Cocoa...): the ``GUI:`` line of
+    ``cv2.getBuildInformation()`` is ``NONE`` for the headless builds."""
+    info = cv2.getBuildInformation()
+    lines = info.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "GUI:":
+            value = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return not value.upper().startswith("NONE")
+        if line.strip().startswith("GUI:"):
+            return "NONE" not in line.split(":", 1)[1].upper()
+    return True  # unknown layout: let namedWindow decide
+
+
+def check_gui(what: str) -> None:
+    """Raise :class:`NoGUIError` (one line) when ``what`` needs a window that this OpenCV cannot open."""
+    if opencv_has_gui():
+        return
+    raise NoGUIError(
+        f"{what} shows the drawings in a window, but the installed OpenCV has no GUI support "
+        "(opencv-python-headless, which solo_d2 installs). Use --output FILE_OR_FOLDER to write "
+        "them instead, or install a GUI OpenCV: pip uninstall opencv-python-headless && "
+        "pip install 'solo_d2[gui]' (opencv-python)."
+    )
+
+
+def _open_window():
+    try:
+        cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+    except cv2.error as e:  # e.g. a GUI build without a display
+        raise NoGUIError(f"cannot open a window ({str(e).strip().splitlines()[-1]}); "
+                         "use --output to write the drawings to files") from e
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description="solo_d2 demo: draw SOLO predictions")
-    parser.add_argument("--config-file", default="configs/Shapes/SOLO_R18_shapes.yaml",
-                        metavar="FILE", help="path to a config file")
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE",
+                        help=f"path to a config file (default: {DEFAULT_CONFIG}, the model of "
+                             "`make demo`)")
     parser.add_argument("--webcam", action="store_true", help="take inputs from the webcam")
     parser.add_argument("--video-input", help="path to a video file")
     parser.add_argument("--input", nargs="+",
@@ -43,6 +88,9 @@ def get_parser():
                              "are several inputs); without it they are shown in a window")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of the instances drawn (default 0.5)")
+    parser.add_argument("--allow-partial-weights", action="store_true",
+                        help="run even when MODEL.WEIGHTS does not fit the config's head or is "
+                             "empty (random weights); default: an error naming the keys")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config options as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
     return parser
@@ -62,9 +110,21 @@ def expand_inputs(patterns):
     return paths
 
 
+#: File extensions cv2.imwrite can write; an ``--output`` without one of them is a folder.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
 def output_path(output, path, num_inputs):
-    """Where the drawing of ``path`` goes: inside ``output`` if it is (or must be) a folder."""
-    if os.path.isdir(output) or num_inputs > 1 or output.endswith(os.sep):
+    """Where the drawing of ``path`` goes: inside ``output`` if it is (or must be) a folder.
+
+    ``output`` is a folder (created when missing) when it is an existing folder, ends with a
+    slash, is given for several inputs, or has no image file extension (``new/dir``); otherwise it
+    is the image file to write (its folder is created)."""
+    is_dir = (os.path.isdir(output) or num_inputs > 1 or output.endswith(("/", os.sep))
+              or not output.lower().endswith(IMAGE_EXTENSIONS))
+    if is_dir:
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise NotADirectoryError(f"--output {output}: exists and is not a folder")
         os.makedirs(output, exist_ok=True)
         stem = os.path.splitext(os.path.basename(path))[0]
         return os.path.join(output, stem + ".png")
@@ -89,7 +149,7 @@ def run_images(demo, paths, output, logger):
             if not cv2.imwrite(out, vis_bgr):
                 raise OSError(f"{out}: cannot write the image")
         else:
-            cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+            _open_window()
             cv2.imshow(WINDOW_NAME, vis_bgr)
             if cv2.waitKey(0) == 27:
                 break  # esc to quit
@@ -105,19 +165,27 @@ def run_video(demo, source, output, name):
     frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
     writer = None
     if output:
-        if os.path.isdir(output):
+        if os.path.isdir(output) or output.endswith(("/", os.sep)):
+            os.makedirs(output, exist_ok=True)
             stem = os.path.splitext(os.path.basename(str(name)))[0]
             output = os.path.join(output, stem + ".mp4")
+        parent = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(
+                f"{output}: cannot write the video: folder {os.path.dirname(output) or parent} "
+                "does not exist (create it first, or give an existing folder)"
+            )
         writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*"mp4v"), float(fps),
                                  (width, height), True)
         if not writer.isOpened():
-            raise OSError(f"{output}: cannot write a video here")
+            raise OSError(f"{output}: cannot write an mp4v video here (no write permission, or "
+                          "this OpenCV build has no mp4v encoder)")
     try:
         for vis in tqdm.tqdm(demo.run_on_video(video), total=frames if frames > 0 else None):
             if writer is not None:
                 writer.write(vis)
             else:
-                cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+                _open_window()
                 cv2.imshow(WINDOW_NAME, vis)
                 if cv2.waitKey(1) == 27:
                     break  # esc to quit
@@ -126,7 +194,10 @@ def run_video(demo, source, output, name):
         if writer is not None:
             writer.release()
         else:
-            cv2.destroyAllWindows()
+            try:
+                cv2.destroyAllWindows()
+            except cv2.error:
+                pass
 
 
 def main(argv=None):
@@ -145,9 +216,14 @@ def main(argv=None):
             raise FileNotFoundError(f"{p}: no such image file")
     if args.video_input and not os.path.isfile(args.video_input):
         raise FileNotFoundError(f"{args.video_input}: no such video file")
+    if args.webcam:
+        check_gui("--webcam")
+    elif not args.output:
+        check_gui("Without --output, the demo")
 
     cfg = setup_demo_cfg(args.config_file, args.opts, args.confidence_threshold)
-    demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+    demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold,
+                             allow_partial_weights=args.allow_partial_weights or None)
     if paths:
         run_images(demo, paths, args.output, logger)
     elif args.webcam:
@@ -160,6 +236,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (OSError, ValueError) as e:  # unreadable inputs: one clear line, no traceback
+    except (OSError, ValueError, UnsafeCheckpointError) as e:  # one clear line, no traceback
         print(f"demo.py: error: {e}", file=sys.stderr)
         sys.exit(1)

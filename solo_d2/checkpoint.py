@@ -18,6 +18,19 @@
 - **clear shape-mismatch report**: like Detectron2, a parameter whose shape differs from the model's
   is skipped with a ``Skip loading parameter '<key>' ...`` warning per key; a summary warning then
   lists all of them together.
+- **checkpoints that do not fit the model are an error** (``strict_heads=True``, the default):
+  SOLO head parameters (keys under ``head.``) missing from the checkpoint or of another shape (weights
+  of the other head type, of another ``NUM_CLASSES``), a checkpoint with no key of the model at all
+  (e.g. a Mask R-CNN checkpoint: only its backbone would load) and an empty ``MODEL.WEIGHTS`` (random
+  weights) raise :class:`IncompatibleCheckpointError` naming the keys. That is what inference and
+  evaluation need (``SOLOPredictor``, ``train_net.py --eval-only``, ``demo/demo.py``). Opt out with
+  ``strict_heads=False``, ``$SOLO_D2_ALLOW_PARTIAL_WEIGHTS=1`` or ``--allow-partial-weights``
+  (train_net.py, demo.py). Training (``Trainer.resume_or_load``: fine-tuning from another model)
+  uses ``strict_heads=False``: the head parameters that keep their initial values are listed in one
+  warning (re-initialising the category conv for another ``NUM_CLASSES`` is the point there).
+- **clear file errors**: a directory, an empty file or a truncated file given as weights raise
+  :class:`CheckpointFileError` naming the file and saying which of these it is.
+
 """
 import os
 import pickle
@@ -33,19 +46,52 @@ __all__ = [
     "UnsafeCheckpointError",
     "UNSAFE_LOAD_ENV",
     "unsafe_load_allowed",
+    "CheckpointFileError",
+    "IncompatibleCheckpointError",
+    "PARTIAL_WEIGHTS_ENV",
+    "partial_weights_allowed",
 ]
 
 #: Environment variable that allows arbitrary unpickling when loading checkpoints ("1" = allow).
 UNSAFE_LOAD_ENV = "SOLO_D2_UNSAFE_LOAD"
 
 
+#: Environment variable that allows loading weights that do not fit the model's head ("1" = allow).
+PARTIAL_WEIGHTS_ENV = "SOLO_D2_ALLOW_PARTIAL_WEIGHTS"
+
+
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint needs arbitrary unpickling (which can execute code) and it was not allowed."""
 
 
+class CheckpointFileError(ValueError):
+    """A weights path that is not a checkpoint file: a directory, an empty or a truncated file."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint whose head parameters do not fit the model (missing or of another shape), or
+    none of whose keys are the model's, loaded where that is not allowed (inference)."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def unsafe_load_allowed() -> bool:
     """Whether ``$SOLO_D2_UNSAFE_LOAD`` allows arbitrary unpickling (1 / true / yes)."""
-    return os.environ.get(UNSAFE_LOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return _env_flag(UNSAFE_LOAD_ENV)
+
+
+def partial_weights_allowed() -> bool:
+    """Whether ``$SOLO_D2_ALLOW_PARTIAL_WEIGHTS`` allows head parameters that are not loaded
+    (missing / other shape) or random weights where a checkpoint must fit (1 / true / yes)."""
+    return _env_flag(PARTIAL_WEIGHTS_ENV)
+
+
+def _list_keys(keys, limit: int = 12) -> str:
+    keys = list(keys)
+    text = ", ".join(keys[:limit])
+    return text + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def _is_local(path: str) -> bool:
@@ -108,6 +154,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         *,
         save_to_disk: Optional[bool] = None,
         allow_unsafe_load: Optional[bool] = None,
+        strict_heads: Optional[bool] = None,
         **checkpointables,
     ):
         """
@@ -115,11 +162,18 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
             allow_unsafe_load: allow checkpoints that need arbitrary unpickling. ``None`` (default)
                 reads ``$SOLO_D2_UNSAFE_LOAD``.
+            strict_heads: raise :class:`IncompatibleCheckpointError` when head parameters are not
+                loaded, when no key of the checkpoint is the model's, or for an empty path (random
+                weights); ``False``: warn and keep their initial values (fine-tuning). ``None``
+                (default): strict unless ``$SOLO_D2_ALLOW_PARTIAL_WEIGHTS`` is set.
         """
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         if allow_unsafe_load is None:
             allow_unsafe_load = unsafe_load_allowed()
         self.allow_unsafe_load = bool(allow_unsafe_load)
+        if strict_heads is None:
+            strict_heads = not partial_weights_allowed()
+        self.strict_heads = bool(strict_heads)
 
     # ---------------------------------------------------------------- saving
     def save(self, name: str, **kwargs: Any) -> None:
@@ -152,9 +206,35 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         atomic_write(save_file, lambda f: f.write(last_filename_basename), mode="w")
 
     # ---------------------------------------------------------------- loading
+    def load(self, path: str, checkpointables=None):
+        if not path:
+            if self.strict_heads:
+                raise IncompatibleCheckpointError(
+                    "No weights given (MODEL.WEIGHTS is empty): the model would predict with "
+                    "random weights. Set MODEL.WEIGHTS to a trained checkpoint, or opt out with "
+                    f"strict_heads=False / {PARTIAL_WEIGHTS_ENV}=1 / --allow-partial-weights."
+                )
+            return super().load(path, checkpointables)
+        if _is_local(path):
+            if os.path.isdir(path):
+                raise CheckpointFileError(
+                    f"Weights {path!r} is a directory, not a checkpoint file (give the .pth file "
+                    f"inside it, e.g. {os.path.join(path, 'model_final.pth')!r})"
+                )
+            if not os.path.exists(path):
+                raise CheckpointFileError(f"Weights {path!r}: file not found")
+        return super().load(path, checkpointables)
+
     def _torch_load(self, f):
+        if isinstance(f, str) and os.path.isfile(f) and os.path.getsize(f) == 0:
+            raise CheckpointFileError(f"Weights {f!r} is an empty file (0 bytes): not a checkpoint")
         try:
             return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+        except (EOFError, RuntimeError) as e:  # zip reader: "failed finding central directory" ...
+            raise CheckpointFileError(
+                f"Weights {f!r} cannot be read: the file is truncated or not a PyTorch checkpoint "
+                f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else 'end of file'})"
+            ) from e
         except pickle.UnpicklingError as e:
             reason = _unpickling_reason(e)
             if not self.allow_unsafe_load:
@@ -166,6 +246,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
 
     def _load_file(self, filename):
+        if _is_local(filename) and os.path.isfile(filename) and os.path.getsize(filename) == 0:
+            raise CheckpointFileError(
+                f"Weights {filename!r} is an empty file (0 bytes): not a checkpoint"
+            )
         if filename.endswith(".pkl"):
             if not self.allow_unsafe_load:
                 with self.path_manager.open(filename, "rb") as fh:
@@ -173,6 +257,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                         data = _NumpyOnlyUnpickler(fh, encoding="latin1").load()
                     except pickle.UnpicklingError as e:
                         raise UnsafeCheckpointError(_unsafe_message(filename, str(e))) from None
+                    except EOFError as e:
+                        raise CheckpointFileError(
+                            f"Weights {filename!r} cannot be read: the file is truncated ({e})"
+                        ) from e
                 return self._from_pkl_data(data)
             return super()._load_file(filename)
         if filename.endswith(".pyth"):
@@ -196,6 +284,50 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             data = data["blobs"]
         data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
         return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def _load_model(self, checkpoint):
+        num_ckpt_keys = len(checkpoint.get("model", {}) or {})
+        incompatible = super()._load_model(checkpoint)
+        self._check_head_loaded(incompatible, num_ckpt_keys)
+        return incompatible
+
+    def _check_head_loaded(self, incompatible, num_ckpt_keys: int) -> None:
+        """Raise (strict) or warn (fine-tuning) when head parameters were not loaded or no
+        parameter of the model was loaded at all."""
+        model_keys = set(self.model.state_dict().keys()) - {"pixel_mean", "pixel_std"}
+        not_loaded = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
+        missing = [k for k in incompatible.missing_keys if k.startswith("head.")]
+        shapes = [(k, a, b) for k, a, b in incompatible.incorrect_shapes if k.startswith("head.")]
+        problems = []
+        if model_keys and not (model_keys - not_loaded):
+            problems.append(
+                f"none of its {num_ckpt_keys} keys is a parameter of this model (unexpected keys "
+                f"e.g. {_list_keys(sorted(incompatible.unexpected_keys), 3)}); is it a "
+                "checkpoint of another architecture?"
+            )
+        if missing:
+            problems.append(f"head parameters missing from it: {_list_keys(missing)}")
+        if shapes:
+            problems.append(
+                "head parameters of another shape: " + _list_keys(
+                    f"{k} {tuple(a)} in the checkpoint vs {tuple(b)} in the model" for k, a, b in shapes
+                )
+            )
+        if not problems:
+            return
+        if self.strict_heads:
+            raise IncompatibleCheckpointError(
+                "The checkpoint does not fit this model, which would predict with partly random "
+                "weights: " + "; ".join(problems) + ". Check --config-file / MODEL.SOLO.HEAD_TYPE / "
+                "MODEL.SOLO.NUM_CLASSES against the config the weights were trained with, or opt "
+                f"out with strict_heads=False / {PARTIAL_WEIGHTS_ENV}=1 / --allow-partial-weights."
+            )
+        self.logger.warning(
+            "Training from a checkpoint that does not fully fit the model (expected when starting "
+            "from backbone-only weights or changing NUM_CLASSES / the head type): these "
+            "parameters keep their initial values and are trained from scratch: "
+            + "; ".join(problems)
+        )
 
     def _log_incompatible_keys(self, incompatible) -> None:
         super()._log_incompatible_keys(incompatible)  # one "Skip loading parameter ..." per key

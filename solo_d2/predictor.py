@@ -10,7 +10,9 @@ Differences from ``DefaultPredictor``:
   the CPU (with a warning) where CUDA is absent;
 - the weights are loaded with :class:`solo_d2.checkpoint.SafeDetectionCheckpointer`
   (``torch.load(weights_only=True)``; a checkpoint that needs arbitrary unpickling is refused
-  unless ``allow_unsafe_load=True`` or ``SOLO_D2_UNSAFE_LOAD=1``);
+  unless ``allow_unsafe_load=True`` or ``SOLO_D2_UNSAFE_LOAD=1``; weights that do not fit the head,
+  and an empty ``MODEL.WEIGHTS``, are refused unless ``allow_partial_weights=True`` or
+  ``SOLO_D2_ALLOW_PARTIAL_WEIGHTS=1``);
 - the input image is checked and normalised by :func:`as_hwc3` before resizing:
 
   ===================================  ==================================================
@@ -93,12 +95,16 @@ def as_hwc3(image, name: str = "image") -> np.ndarray:
 class SOLOPredictor(DefaultPredictor):
     """``DefaultPredictor`` for SOLO with safe loading and input checks (module docs)."""
 
-    def __init__(self, cfg, allow_unsafe_load=None):
+    def __init__(self, cfg, allow_unsafe_load=None, allow_partial_weights=None):
         """
         Args:
-            cfg: a Detectron2 cfg with the SOLO keys; ``MODEL.WEIGHTS`` is loaded (empty: random).
+            cfg: a Detectron2 cfg with the SOLO keys; ``MODEL.WEIGHTS`` is loaded.
             allow_unsafe_load: allow checkpoints that need arbitrary unpickling; ``None`` reads
                 ``$SOLO_D2_UNSAFE_LOAD``.
+            allow_partial_weights: allow weights whose head parameters do not fit the model, and
+                an empty ``MODEL.WEIGHTS`` (random weights); ``None`` reads
+                ``$SOLO_D2_ALLOW_PARTIAL_WEIGHTS``. Otherwise these raise
+                :class:`solo_d2.checkpoint.IncompatibleCheckpointError` naming the keys.
         """
         self.cfg = cfg.clone()
         device = resolve_device(self.cfg.MODEL.DEVICE)
@@ -112,7 +118,11 @@ class SOLOPredictor(DefaultPredictor):
         self.model.eval()
         if len(self.cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(self.cfg.DATASETS.TEST[0])
-        checkpointer = SafeDetectionCheckpointer(self.model, allow_unsafe_load=allow_unsafe_load)
+        checkpointer = SafeDetectionCheckpointer(
+            self.model,
+            allow_unsafe_load=allow_unsafe_load,
+            strict_heads=None if allow_partial_weights is None else not allow_partial_weights,
+        )
         checkpointer.load(self.cfg.MODEL.WEIGHTS)
         self.aug = T.ResizeShortestEdge(
             [self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MIN_SIZE_TEST], self.cfg.INPUT.MAX_SIZE_TEST

@@ -15,11 +15,11 @@ import os
 import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .config import get_solo_cfg
+from .data.image_io import read_image
 from .predictor import SOLOPredictor
 
 __all__ = [
@@ -50,7 +50,8 @@ def setup_demo_cfg(config_file, opts=(), confidence_threshold=0.5):
 
 
 def read_image_bgr(path):
-    """A BGR uint8 image (EXIF orientation applied), or ``ValueError`` naming ``path``."""
+    """A BGR uint8 image (EXIF orientation applied; 16-bit images scaled to 8 bits, see
+    :func:`solo_d2.data.image_io.read_image`), or ``ValueError`` naming ``path``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image file")
     try:
@@ -108,12 +109,15 @@ class VisualizationDemo:
     """A :class:`solo_d2.SOLOPredictor` and Detectron2's ``Visualizer`` (cf. Detectron2's
     ``demo/predictor.py``). Class names come from the metadata of ``cfg.DATASETS.TEST[0]``."""
 
-    def __init__(self, cfg, confidence_threshold=0.5, instance_mode=ColorMode.IMAGE):
+    def __init__(self, cfg, confidence_threshold=0.5, instance_mode=ColorMode.IMAGE,
+                 allow_partial_weights=None):
+        """``allow_partial_weights``: see :class:`solo_d2.predictor.SOLOPredictor` (weights that
+        do not fit the head, or none, are an error unless allowed)."""
         self.cfg = cfg
         self.metadata = _metadata(cfg)
         self.confidence_threshold = float(confidence_threshold)
         self.instance_mode = instance_mode
-        self.predictor = SOLOPredictor(cfg)
+        self.predictor = SOLOPredictor(cfg, allow_partial_weights=allow_partial_weights)
 
     def run_on_image(self, image_bgr):
         """Returns ``(predictions, vis_rgb)``: the model's output dict for a BGR uint8 image and

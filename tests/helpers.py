@@ -66,6 +66,13 @@ def finish(proc, timeout=300):
     return proc.returncode, out
 
 
+def run_script(script, *args, cwd=REPO, env=None, timeout=300):
+    """Run ``python SCRIPT ARGS...`` (``env``: extra environment variables); returns the
+    ``CompletedProcess`` (``stdout`` and ``stderr`` apart)."""
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def run_train_net(args, cwd, timeout=300, threads=2):
     """Run ``train_net.py`` with the tiny config and ``args`` in ``cwd``; returns the
     ``CompletedProcess`` (``stdout`` and ``stderr`` apart)."""

@@ -244,4 +244,4 @@ def test_train_and_val_must_have_the_same_categories(coco, tmp_path):
     with pytest.raises(CocoDatasetError, match="different categories"):
         register_custom_datasets(str(json_path), str(img_dir), val, str(img_dir))
     opts = register_custom_datasets(str(json_path), str(img_dir))
-    assert opts == ["DATASETS.TRAIN", "('custom_train',)", "MODEL.SOLO.NUM_CLASSES", "5"]
+    assert opts == ["DATASETS.TRAIN", "('custom_train',)", "DATASETS.TEST", "()", "MODEL.SOLO.NUM_CLASSES", "5"]

@@ -20,6 +20,13 @@ SHAPES_CONFIGS = ["configs/Shapes/SOLO_R18_shapes.yaml", "configs/Shapes/Decoupl
 RANDOM_MODEL_OPTS = ["MODEL.WEIGHTS", "", "MODEL.SOLO.MASK_THRESH_TEST", "0.0", "MODEL.SOLO.MAX_PER_IMAGE", "5"]
 
 
+@pytest.fixture(autouse=True)
+def _random_weights_allowed(monkeypatch):
+    """These tests draw a random model: MODEL.WEIGHTS "" needs the opt-out (subprocesses inherit
+    it)."""
+    monkeypatch.setenv("SOLO_D2_ALLOW_PARTIAL_WEIGHTS", "1")
+
+
 def _load_demo_module():
     spec = importlib.util.spec_from_file_location("solo_demo", REPO / "demo" / "demo.py")
     module = importlib.util.module_from_spec(spec)

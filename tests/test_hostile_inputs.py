@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def predictor():
     torch.manual_seed(0)
-    return SOLOPredictor(tiny_cfg(**LOW))  # MODEL.WEIGHTS "": random weights
+    return SOLOPredictor(tiny_cfg(**LOW), allow_partial_weights=True)  # MODEL.WEIGHTS "": random
 
 
 def _rng():

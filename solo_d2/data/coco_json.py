@@ -10,6 +10,14 @@ the json file and, for each problem, the image id / file name or annotation id.
     num_classes = register_custom_coco("custom_train", "train.json", "images/")
     # then cfg.DATASETS.TRAIN = ("custom_train",); cfg.MODEL.SOLO.NUM_CLASSES = num_classes
 
+Also refused, because Detectron2 would train or evaluate on wrong data without an error: a non-crowd
+annotation whose mask rasterises to zero pixels (a zero-area or sub-pixel polygon, an RLE without
+foreground: training drops it, COCO evaluation still counts it as ground truth), a ``bbox`` of
+zero width or height on a non-empty mask (SOLO's scale comes from the box: the object would be
+dropped from training), duplicate category names (COCO evaluation would merge their per-class
+AP entries under one name), and an image whose json size is its stored size although its EXIF
+orientation rotates it (the message says so and which size to write).
+
 What Detectron2 already handles and is therefore accepted: category ids that are not 1..N (they
 are mapped to 0..N-1 in sorted id order), images without annotations (left out of training, kept
 for evaluation) and crowd annotations (``iscrowd: 1``; left out of training, "ignore" regions in
@@ -120,8 +128,9 @@ def _check_segmentation(segm, height, width):
     return f"'segmentation' must be a list of polygons or an RLE dict, got {type(segm).__name__}"
 
 
-def _oriented_image_size(path):
-    """(width, height) of an image file after its EXIF orientation (as Detectron2 reads it)."""
+def _oriented_image_size(path, with_orientation=False):
+    """(width, height) of an image file after its EXIF orientation (as Detectron2 reads it);
+    with ``with_orientation``, ``((width, height), orientation tag)``."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -130,7 +139,25 @@ def _oriented_image_size(path):
             orientation = im.getexif().get(0x0112, 1)
         except Exception:  # pragma: no cover - broken EXIF: Detectron2 ignores it too
             orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return (size, orientation) if with_orientation else size
+
+
+def _mask_area(segm, height, width):
+    """Number of pixels of a well-formed ``segmentation`` rasterised at (height, width) the way
+    Detectron2 does (pycocotools ``frPyObjects``: ``polygons_to_bitmask`` for polygons, the RLE
+    itself otherwise)."""
+    import pycocotools.mask as mask_util
+
+    if isinstance(segm, list):
+        rles = mask_util.frPyObjects([[float(v) for v in p] for p in segm], height, width)
+        return int(mask_util.area(mask_util.merge(rles)))
+    counts = segm["counts"]
+    if isinstance(counts, list):
+        rle = mask_util.frPyObjects(segm, height, width)
+    else:
+        rle = {"size": list(segm["size"]), "counts": counts.encode("ascii")}
+    return int(mask_util.area(rle))
 
 
 def _check_image_file(path, check):
@@ -142,11 +169,17 @@ def _check_image_file(path, check):
         return None, None
     try:
         size = _oriented_image_size(path)
-        if check == "decode":
-            from PIL import Image
+        from PIL import Image
 
-            with Image.open(path) as im:
+        from .image_io import to_8bit
+
+        with Image.open(path) as im:
+            if check == "decode":
                 im.load()
+                to_8bit(im, path)  # 32-bit / float images without an 8-bit scale: ValueError
+            elif im.mode == "F":
+                return ("a floating-point image (PIL mode 'F'): training and the demo read "
+                        "8- or 16-bit images"), None
     except Exception as e:  # PIL raises many kinds: UnidentifiedImageError, OSError, ...
         return f"cannot read the image ({type(e).__name__}: {e})", None
     return None, size
@@ -165,13 +198,15 @@ def validate_coco_json(json_file, image_root, check_images="header", require_are
     """Check a COCO instance-segmentation json and its images; raise on any problem.
 
     Checks: the file parses as json with ``images``, ``annotations`` and ``categories`` lists;
-    categories have unique integer ids and string names; images have unique ids, a ``file_name`` that
+    categories have unique integer ids and unique string names; images have unique ids, a ``file_name`` that
     exists under ``image_root`` (and, with ``check_images`` "header" or "decode", can be read
     and has the json's ``height`` x ``width``); annotations have unique ids, an existing
     ``image_id`` and ``category_id``, a ``bbox`` of 4 numbers with w, h >= 0 and a well-formed
     ``segmentation`` (polygons: lists of an even number >= 6 of coordinates; RLE: ``size`` equal
     to the image's [height, width] and ``counts`` covering exactly height * width pixels), which
-    is required unless the annotation is a crowd region.
+    is required unless the annotation is a crowd region; a non-crowd mask must cover at least one
+    pixel when rasterised like Detectron2 does, and its ``bbox`` must then have a non-zero width
+    and height. An EXIF-rotated image must have its rotated size in the json.
 
     Args:
         json_file (str): the COCO json.
@@ -224,6 +259,17 @@ def validate_coco_json(json_file, image_root, check_images="header", require_are
     dup = sorted({c for c in cat_ids if cat_ids.count(c) > 1})
     if dup:
         problems.append(f"duplicate category ids {dup}")
+    names = {}
+    for cat in data["categories"]:
+        if isinstance(cat, dict) and _is_int(cat.get("id")) and isinstance(cat.get("name"), str):
+            names.setdefault(cat["name"], []).append(cat["id"])
+    for name, ids in names.items():
+        if len(ids) > 1:
+            problems.append(
+                f"duplicate category name {name!r} (category ids {sorted(ids)}): COCO evaluation "
+                "would report one AP entry for them; give each category its own name, or merge "
+                "them into one category"
+            )
     if problems:
         _fail(json_file, problems)
     cats = sorted(data["categories"], key=lambda c: c["id"])
@@ -254,8 +300,17 @@ def validate_coco_json(json_file, image_root, check_images="header", require_are
         if problem:
             problems.append(f"{where}: {path}: {problem}")
         elif size is not None and h is not None and size != (w, h):
-            problems.append(f"{where}: {path} is {size[0]}x{size[1]} (width x height), but the "
-                            f"json says {w}x{h}")
+            orientation = _oriented_image_size(path, with_orientation=True)[1]
+            if orientation in (5, 6, 7, 8) and (size[1], size[0]) == (w, h):
+                problems.append(
+                    f"{where}: {path} is EXIF-rotated (orientation tag {orientation}): it is "
+                    f"stored as {w}x{h} but displayed, and read by Detectron2, as "
+                    f"{size[0]}x{size[1]} (width x height); the json's size must be the rotated "
+                    f"one: \"width\": {size[0]}, \"height\": {size[1]} (and the annotations "
+                    "drawn on the rotated image)")
+            else:
+                problems.append(f"{where}: {path} is {size[0]}x{size[1]} (width x height), but "
+                                f"the json says {w}x{h}")
 
     # Annotations.
     ann_ids = set()
@@ -306,6 +361,20 @@ def validate_coco_json(json_file, image_root, check_images="header", require_are
         problem = _check_segmentation(segm, h, w)
         if problem:
             problems.append(f"{where}: {problem}")
+        elif crowd != 1 and h is not None and w is not None:
+            pixels = _mask_area(segm, h, w)
+            if pixels == 0:
+                problems.append(
+                    f"{where}: the 'segmentation' covers 0 pixels when rasterised at the image's "
+                    f"{w}x{h} (a zero-area or sub-pixel polygon, or an RLE without foreground): "
+                    "training would drop it while COCO evaluation counts it as an object; delete "
+                    "it or fix the mask")
+            elif isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox) \
+                    and (bbox[2] == 0 or bbox[3] == 0):
+                problems.append(
+                    f"{where}: 'bbox' {bbox} has zero width or height but the mask has {pixels} "
+                    "pixels: SOLO assigns an object to a level by its box, so it would be dropped "
+                    "from training; write the mask's bounding box")
     if problems:
         _fail(json_file, problems)
     return {
@@ -366,7 +435,9 @@ def register_custom_datasets(train_json=None, train_images=None, val_json=None, 
 
     Returns:
         list[str]: ``opts`` for ``cfg.merge_from_list``: ``DATASETS.TRAIN`` / ``DATASETS.TEST``
-        for the given sets and ``MODEL.SOLO.NUM_CLASSES``; empty if no json is given.
+        for the given sets and ``MODEL.SOLO.NUM_CLASSES``; empty if no json is given. A training
+        set without a validation set gives ``DATASETS.TEST ()`` (evaluation skipped, with a
+        warning), never the config's test sets, whose classes are not the custom ones.
 
     Raises:
         CocoDatasetError: a bad dataset, or training and validation sets whose categories differ.
@@ -382,6 +453,13 @@ def register_custom_datasets(train_json=None, train_images=None, val_json=None, 
                              require_area=True)
         opts += ["DATASETS.TEST", f"('{val_name}',)"]
         classes[val_json] = _categories(val_name)
+    elif train_json:
+        # The config's test sets (e.g. shapes_val) have other classes: evaluating the custom
+        # model on them would report a meaningless AP (and generate the shapes dataset).
+        logger.warning(
+            "--train-json without --val-json: no validation set, so evaluation is skipped "
+            "(DATASETS.TEST = ()); give --val-json to evaluate during and after training")
+        opts += ["DATASETS.TEST", "()"]
     if len(classes) == 2 and classes[train_json] != classes[val_json]:
         raise CocoDatasetError(
             f"{train_json} and {val_json} have different categories "

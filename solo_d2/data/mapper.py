@@ -4,12 +4,21 @@
   file <_io.BufferedReader ...>" through without the file name, from the middle of a training
   run; this one re-raises any error of the mapping as :class:`ImageLoadError` naming the file and
   image id.
+- images are read with :func:`solo_d2.data.image_io.read_image`: 16-bit grayscale PNGs are scaled
+  to 8 bits (Detectron2's reader clips them to white).
 - Detectron2's ``ResizeShortestEdge`` resizes an image that already has the output size to that
   same size, through PIL, and every instance mask with it. This mapper's resize skips that: the
   pixels are the same and the random stream (the choice of size) is unchanged.
 """
+import copy
+
+import numpy as np
+import torch
 from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+
+from .image_io import read_image
 
 __all__ = ["ImageLoadError", "FileNamingDatasetMapper", "ResizeShortestEdgeOrKeep"]
 
@@ -48,9 +57,31 @@ class FileNamingDatasetMapper(DatasetMapper):
             [_keep_same_size(a) for a in self.augmentations.augs]
         )
 
+    def map(self, dataset_dict):
+        """``DatasetMapper.__call__`` with solo_d2's image reader (16-bit images scaled, not
+        clipped). SOLO uses no semantic segmentation (``sem_seg_file_name`` is not read) and no
+        precomputed proposals (``MODEL.LOAD_PROPOSALS`` is refused)."""
+        if self.proposal_topk is not None:
+            raise ValueError("MODEL.LOAD_PROPOSALS: SOLO uses no precomputed proposals")
+        dataset_dict = copy.deepcopy(dataset_dict)
+        dataset_dict.pop("sem_seg_file_name", None)
+        image = read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        if "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict
+
     def __call__(self, dataset_dict):
         try:
-            return super().__call__(dataset_dict)
+            return self.map(dataset_dict)
         except Exception as e:
             name = dataset_dict.get("file_name", "<no file_name>")
             raise ImageLoadError(

@@ -122,8 +122,12 @@ class Trainer(DefaultTrainer):
         return build_train_loop(cfg, model, data_loader, optimizer)
 
     def build_checkpointer(self, cfg, model):
-        """:class:`SafeDetectionCheckpointer` writing to ``OUTPUT_DIR``, saving this trainer's state."""
-        return SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        """:class:`SafeDetectionCheckpointer` writing to ``OUTPUT_DIR``, saving this trainer's state.
+        ``strict_heads=False``: fine-tuning may re-initialise head parameters (one warning lists
+        them), e.g. the category conv for another ``NUM_CLASSES``."""
+        return SafeDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, strict_heads=False, trainer=weakref.proxy(self)
+        )
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -152,18 +152,55 @@ class SOLO(nn.Module):
         return self.pixel_mean.device
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        if not self.training:
+            return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         features = self.run_backbone(images.tensor)
         cate_logits, mask_feats = self.head([features[f] for f in self.in_features])
-        if self.training:
-            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-            targets = self.targets(
-                gt_instances,
-                tuple(images.tensor.shape[-2:]),
-                [self.head.mask_size(m) for m in mask_feats],
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        targets = self.targets(
+            gt_instances,
+            tuple(images.tensor.shape[-2:]),
+            [self.head.mask_size(m) for m in mask_feats],
+        )
+        return self.losses(cate_logits, mask_feats, targets)
+
+    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> List[Dict[str, Instances]]:
+        """Predictions for each input, independent of what else is in the batch.
+
+        SOLO's grids cover the padded canvas of the batch, so an image padded to a larger
+        neighbour's size would be seen on another grid (other scores and masks). The images are
+        therefore grouped by the canvas each would get alone (its size rounded up to the
+        backbone's size divisibility): each group, still batched, runs through backbone, head and
+        postprocessing on that canvas.
+
+        Returns:
+            one ``{"instances": Instances}`` per input, in input order (see class docs).
+        """
+        images = self.preprocess_image(batched_inputs)  # checks every input, names the bad one
+        d = max(int(self.backbone.size_divisibility), 1)
+        groups: Dict[tuple, List[int]] = {}
+        for i, (h, w) in enumerate(images.image_sizes):
+            groups.setdefault((-(-int(h) // d) * d, -(-int(w) // d) * d), []).append(i)
+        results: List[Dict[str, Instances]] = [None] * len(batched_inputs)  # type: ignore
+        for idx in groups.values():
+            if len(groups) == 1:
+                group_images = images
+            else:
+                group_images = ImageList.from_tensors(
+                    [images.tensor[i, :, : images.image_sizes[i][0], : images.image_sizes[i][1]]
+                     for i in idx],
+                    self.backbone.size_divisibility,
+                    padding_constraints=self.backbone.padding_constraints,
+                )
+            features = self.run_backbone(group_images.tensor)
+            cate_logits, mask_feats = self.head([features[f] for f in self.in_features])
+            group_results = self.inference_from_outputs(
+                cate_logits, mask_feats, group_images, [batched_inputs[i] for i in idx]
             )
-            return self.losses(cate_logits, mask_feats, targets)
-        return self.inference_from_outputs(cate_logits, mask_feats, images, batched_inputs)
+            for i, r in zip(idx, group_results):
+                results[i] = r
+        return results
 
     def run_backbone(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Backbone + FPN on the (N, 3, H, W) batch; returns standard-layout feature maps."""
