@@ -66,6 +66,23 @@ def finish(proc, timeout=300):
     return proc.returncode, out
 
 
+def load_script(path, name=None):
+    """Import a script of the checkout (``"tools/demo_run.py"``, ``"demo/demo.py"``) as a module,
+    with its folder on ``sys.path`` while it loads (as when it runs: tools import ``_common``)."""
+    import importlib.util
+
+    path = REPO / path
+    folder = str(path.parent)
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name or path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
 def run_script(script, *args, cwd=REPO, env=None, timeout=300):
     """Run ``python SCRIPT ARGS...`` (``env``: extra environment variables); returns the
     ``CompletedProcess`` (``stdout`` and ``stderr`` apart)."""

@@ -12,7 +12,7 @@ import pytest
 from detectron2.modeling import build_model
 
 import solo_d2
-from helpers import REPO, TINY_CONFIG, make_image, solo_test_cfg
+from helpers import REPO, TINY_CONFIG, load_script, make_image, solo_test_cfg
 from solo_d2.visualize import setup_demo_cfg, side_by_side, visualize_dataset
 
 SHAPES_CONFIGS = ["configs/Shapes/SOLO_R18_shapes.yaml", "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"]
@@ -188,9 +188,7 @@ def test_ap_breakdown_separates_classification_from_masks(tmp_path, capsys):
     # precision 1, which COCO's 101-point interpolation scores 51/101 = 50.5 (circle has no GT).
     import pycocotools.mask as mask_util
 
-    spec = importlib.util.spec_from_file_location("ap_breakdown", REPO / "tools" / "ap_breakdown.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/ap_breakdown.py")
     mask = np.zeros((32, 32), np.uint8)
     mask[8:24, 8:24] = 1
     rle = mask_util.encode(np.asfortranarray(mask))

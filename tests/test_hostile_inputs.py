@@ -198,7 +198,7 @@ def test_predictor_falls_back_to_cpu_when_the_cfg_says_cuda(monkeypatch):
     cfg = tiny_cfg()
     cfg.MODEL.DEVICE = "cuda"
     cfg.freeze()
-    predictor = SOLOPredictor(cfg)
+    predictor = SOLOPredictor(cfg, allow_partial_weights=True)  # random weights, on purpose
     assert predictor.cfg.MODEL.DEVICE == "cpu" and cfg.MODEL.DEVICE == "cuda"
     assert next(predictor.model.parameters()).device.type == "cpu"
     out = predictor(np.zeros((40, 50, 3), np.uint8))

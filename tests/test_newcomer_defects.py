@@ -1,6 +1,5 @@
 """Issue 12 (defects found trying solo_d2 as a new user): each case gives a clear error or the
 right result, never a wrong result with exit code 0."""
-import importlib.util
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, TINY_CONFIG, make_image, run_script, tiny_cfg
+from helpers import REPO, TINY_CONFIG, load_script, make_image, run_script, tiny_cfg
 from solo_d2.checkpoint import (
     PARTIAL_WEIGHTS_ENV,
     CheckpointFileError,
@@ -42,10 +41,7 @@ LOW = {
 
 
 def _load_script(name, path):
-    spec = importlib.util.spec_from_file_location(name, REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, name)
 
 
 @pytest.fixture(scope="module")

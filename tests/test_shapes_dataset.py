@@ -215,19 +215,9 @@ def test_default_root(monkeypatch, tmp_path):
 
 
 def _generate_shapes_tool():
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from helpers import load_script
 
-    tools = Path(__file__).resolve().parents[1] / "tools"
-    sys.path.insert(0, str(tools))
-    try:
-        spec = importlib.util.spec_from_file_location("generate_shapes", tools / "generate_shapes.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(tools))
-    return module
+    return load_script("tools/generate_shapes.py")
 
 
 def test_cli(tmp_path, capsys):
