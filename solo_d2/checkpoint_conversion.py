@@ -83,6 +83,7 @@ class ConvertedCheckpoint:
     depth: int
     stem_channels: int
     res2_channels: int
+    bottleneck_channels: Optional[int] = None
     fpn_channels: Optional[int] = None
     num_classes: Optional[int] = None
     num_grids: Optional[List[int]] = None
@@ -366,9 +367,8 @@ def _describe_backbone(sd) -> dict:
     return {
         "depth": depth,
         "stem_channels": int(sd[bu + "stem.conv1.weight"].shape[0]),
-        "res2_channels": int(
-            sd[f"{bu}res2.0.conv{convs[-1]}.weight"].shape[0]
-        ),
+        "res2_channels": int(sd[f"{bu}res2.0.conv{convs[-1]}.weight"].shape[0]),
+        "bottleneck_channels": int(sd[f"{bu}res2.0.conv1.weight"].shape[0]) if bottleneck else None,
     }
 
 
@@ -515,6 +515,9 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
     r.RES2_OUT_CHANNELS = conv.res2_channels
     if conv.depth in (18, 34):
         cfg.MODEL.BACKBONE.NAME = "build_narrow_resnet_fpn_backbone"
+    else:
+        r.NUM_GROUPS = 1
+        r.WIDTH_PER_GROUP = conv.bottleneck_channels
     cfg.MODEL.WEIGHTS = ""
     if conv.fpn_channels is not None:
         cfg.MODEL.FPN.OUT_CHANNELS = conv.fpn_channels
@@ -537,6 +540,19 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
     return cfg
 
 
+def _summarize(keys: List[str], limit: int = 10) -> str:
+    """Keys named in full when few, else grouped with indices as '*' ('head.mask_preds.*.x.weight
+    (5)')."""
+    if len(keys) <= limit:
+        return str(keys)
+    groups: Dict[str, int] = {}
+    for k in keys:
+        g = re.sub(r"\.\d+(?=\.)", ".*", k)
+        groups[g] = groups.get(g, 0) + 1
+    items = [f"{g} ({n})" if n > 1 else g for g, n in groups.items()]
+    return "[" + ", ".join(items[:limit]) + (", ..." if len(items) > limit else "") + "]"
+
+
 def check_against_model(sd: Dict[str, torch.Tensor], model, backbone_only: bool = False) -> None:
     """Raise :class:`ConversionError` unless ``sd`` has exactly ``model``'s parameters and buffers
     (of ``backbone.bottom_up`` only, when ``backbone_only``), with the same shapes; the message
@@ -553,9 +569,9 @@ def check_against_model(sd: Dict[str, torch.Tensor], model, backbone_only: bool 
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
+        problems.append(f"missing keys ({len(missing)}): {_summarize(missing)}")
     if leftover:
-        problems.append(f"leftover keys ({len(leftover)}): {leftover[:8]}" + (" ..." if len(leftover) > 8 else ""))
+        problems.append(f"leftover keys ({len(leftover)}): {_summarize(leftover)}")
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {shapes[:4]}" + (" ..." if len(shapes) > 4 else ""))
     if problems:

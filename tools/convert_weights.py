@@ -66,8 +66,11 @@ def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = Fal
     try:
         check_against_model(conv.state_dict, model, backbone_only=backbone_only)
     except ConversionError as e:
-        what = f"{conv.layout} {conv.head or 'ResNet'}-R{conv.depth} checkpoint"
-        raise ConversionError(f"{what} does not fit the model of {config_path}: {e}") from None
+        what = f"{conv.layout} {conv.head or 'ResNet'} R-{conv.depth} checkpoint"
+        builds = f"{type(model.head).__name__} (MODEL.SOLO.HEAD_TYPE {cfg.MODEL.SOLO.HEAD_TYPE!r})"
+        raise ConversionError(
+            f"{what} does not fit the model of {config_path}, which builds {builds}: {e}"
+        ) from None
     out = {"model": conv.state_dict, "__author__": AUTHOR, "matching_heuristics": False}
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     torch.save(out, dst)
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         config_path = convert(args.src, args.dst, args.config_file, args.unsafe_load)
-    except ConversionError as e:
+    except (ConversionError, ValueError, OSError) as e:  # ConversionError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(config_path)
