@@ -34,7 +34,7 @@ BatchNorm's ``num_batches_tracked`` counters, torchvision's ``fc`` classifier an
 """
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -47,6 +47,7 @@ __all__ = [
     "detect_layout",
     "convert_state_dict",
     "converted_config",
+    "config_overrides",
     "config_file_for",
     "check_against_model",
     "AUTHOR",
@@ -91,7 +92,6 @@ class ConvertedCheckpoint:
     num_stacked_convs: Optional[int] = None
     num_deformable_convs: int = 0
     norm: str = "GN"
-    notes: List[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,20 +479,38 @@ def config_file_for(conv: ConvertedCheckpoint, source_name: str = "", root: str 
     depth = conv.depth
     if depth not in found:
         closest = min(found, key=lambda d: (abs(d - depth), d))
-        notes.append(
-            f"note: there is no {base} config for ResNet-{depth}; the closest is R-{closest}: "
-            f"use it with MODEL.RESNETS.DEPTH {depth}"
-            + (" and MODEL.BACKBONE.NAME build_narrow_resnet_fpn_backbone" if depth in (18, 34) else "")
-        )
+        notes.append(f"note: there is no {base} config for ResNet-{depth}; the closest is R-{closest}")
         depth = closest
     schedules = found[depth]
     sched = "1x" if "1x" in os.path.basename(source_name) and "1x" in schedules else (
         "3x" if "3x" in schedules else schedules[0]
     )
     path = os.path.join(_CONFIG_DIR, f"{base}_R{depth}_{sched}.yaml")
-    if conv.head is not None and conv.num_classes != 80:
-        notes.append(f"note: this checkpoint has {conv.num_classes} classes: add MODEL.SOLO.NUM_CLASSES {conv.num_classes}")
     return path, notes
+
+
+#: Keys :func:`converted_config` may change, in the order a note lists them.
+_SIZE_KEYS = [
+    "MODEL.BACKBONE.NAME", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.STEM_OUT_CHANNELS",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "MODEL.RESNETS.NUM_GROUPS", "MODEL.RESNETS.WIDTH_PER_GROUP",
+    "MODEL.FPN.OUT_CHANNELS", "MODEL.SOLO.NUM_CLASSES", "MODEL.SOLO.NUM_GRIDS",
+    "MODEL.SOLO.CONV_CHANNELS", "MODEL.SOLO.NUM_STACKED_CONVS", "MODEL.SOLO.NUM_DEFORMABLE_CONVS",
+    "MODEL.SOLO.NORM",
+]
+
+
+def config_overrides(cfg, base_cfg) -> List[str]:
+    """``KEY VALUE`` pairs (for ``--opts``) where ``cfg`` differs from ``base_cfg`` in the
+    architecture sizes that :func:`converted_config` sets."""
+    out = []
+    for key in _SIZE_KEYS:
+        a, b = cfg, base_cfg
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            value = "[" + ",".join(str(x) for x in a) + "]" if isinstance(a, (list, tuple)) else (a if a != "" else '""')
+            out += [key, str(value)]
+    return out
 
 
 def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = None):

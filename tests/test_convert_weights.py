@@ -161,8 +161,11 @@ def test_layout_converts_and_loads(kind, names, dcn, config, tmp_path, capsys):
     rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
     assert rc == 0, err
     assert lines[-1] == f"{COCO}/{config}"
-    assert any("ResNet-18" in l and "MODEL.RESNETS.DEPTH 18" in l for l in lines), lines
-    assert any("MODEL.SOLO.NUM_CLASSES 3" in l for l in lines), lines
+    assert any("no " in l and "ResNet-18" in l for l in lines), lines
+    opts = [l for l in lines if "--opts" in l]
+    assert len(opts) == 1 and "MODEL.RESNETS.DEPTH 18" in opts[0] and "MODEL.SOLO.NUM_CLASSES 3" in opts[0]
+    assert "MODEL.BACKBONE.NAME build_narrow_resnet_fpn_backbone" in opts[0]
+    assert "MODEL.SOLO.NUM_GRIDS [12,10,8,6,4]" in opts[0]
     _, out = load_into_model(tmp_path / "dst.pth", sd, lines[-1])
     p = "mask_head." if names == "mmdet" else "bbox_head."
     cls = "cls_convs" if names == "mmdet" else "cate_convs"
@@ -194,7 +197,12 @@ def test_r50_picks_schedule_from_file_name(tmp_path, capsys):
     rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
     assert rc == 0, err
     assert lines[-1] == f"{COCO}/SOLO_R50_1x.yaml"
-    assert not any(l.startswith("note:") for l in lines)  # depth and classes match the config
+    assert not any("no SOLO config" in l for l in lines)
+    # only the narrow widths of this synthetic R-50 differ from the config
+    opts = [l.split("--opts ")[1] for l in lines if "--opts" in l]
+    assert opts == ["MODEL.RESNETS.STEM_OUT_CHANNELS 8 MODEL.RESNETS.RES2_OUT_CHANNELS 32 "
+                    "MODEL.RESNETS.WIDTH_PER_GROUP 8 MODEL.FPN.OUT_CHANNELS 32 MODEL.SOLO.NUM_GRIDS "
+                    "[12,10,8,6,4] MODEL.SOLO.CONV_CHANNELS 32 MODEL.SOLO.NUM_STACKED_CONVS 2"], lines
     load_into_model(tmp_path / "dst.pth", sd, lines[-1])
 
 

@@ -31,6 +31,7 @@ from solo_d2.checkpoint_conversion import (  # noqa: E402
     ConversionError,
     check_against_model,
     config_file_for,
+    config_overrides,
     convert_state_dict,
     converted_config,
     extract_state_dict,
@@ -62,6 +63,15 @@ def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = Fal
     else:
         config_path, notes = config_file_for(conv, src, root=ROOT)
         cfg = converted_config(conv, os.path.join(ROOT, config_path))
+        plain = get_cfg()
+        add_solo_config(plain)
+        plain.merge_from_file(os.path.join(ROOT, config_path))
+        opts = config_overrides(cfg, plain)
+        if opts:
+            notes.append(
+                f"note: this checkpoint's model differs from {config_path}: use it with --opts "
+                + " ".join(opts)
+            )
     model = build_model(cfg)
     try:
         check_against_model(conv.state_dict, model, backbone_only=backbone_only)
