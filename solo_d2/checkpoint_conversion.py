@@ -85,6 +85,8 @@ class ConvertedCheckpoint:
     stem_channels: int
     res2_channels: int
     bottleneck_channels: Optional[int] = None
+    #: res2..res5: whether the stage's 3x3 convs are deformable (DCN v1 ``conv2.conv_offset``)
+    deform_stages: Tuple[bool, bool, bool, bool] = (False, False, False, False)
     fpn_channels: Optional[int] = None
     num_classes: Optional[int] = None
     num_grids: Optional[List[int]] = None
@@ -183,6 +185,10 @@ def _backbone_rules(prefix: str):
         (
             rf"^{p}layer(\d)\.(\d+)\.bn(\d)\.{bn}$",
             lambda m: f"backbone.bottom_up.res{stage(m[1])}.{m[2]}.conv{m[3]}.norm.{m[4]}",
+        ),
+        (
+            rf"^{p}layer(\d)\.(\d+)\.conv2\.conv_offset\.(weight|bias)$",
+            lambda m: f"backbone.bottom_up.res{stage(m[1])}.{m[2]}.conv2.conv_offset.{m[3]}",
         ),
         (
             rf"^{p}layer(\d)\.(\d+)\.downsample\.0\.weight$",
@@ -364,7 +370,17 @@ def _describe_backbone(sd) -> dict:
                 expected += [f"{bu}res{s}.{b}.conv{c}.weight"]
                 expected += [f"{bu}res{s}.{b}.conv{c}.norm.{x}" for x in _BN]
     _missing(expected, sd)
+    deform = []
+    for s, n in zip(range(2, 6), blocks):
+        has = [f"{bu}res{s}.{b}.conv2.conv_offset.weight" in sd for b in range(n)]
+        if any(has) and not all(has):
+            raise ConversionError(
+                f"unsupported layout: only blocks {[b for b in range(n) if has[b]]} of res{s} have "
+                "deformable convs; solo_d2 makes all or none of a stage's blocks deformable"
+            )
+        deform.append(all(has))
     return {
+        "deform_stages": tuple(deform),
         "depth": depth,
         "stem_channels": int(sd[bu + "stem.conv1.weight"].shape[0]),
         "res2_channels": int(sd[f"{bu}res2.0.conv{convs[-1]}.weight"].shape[0]),
@@ -463,7 +479,7 @@ def config_file_for(conv: ConvertedCheckpoint, source_name: str = "", root: str 
     """
     head = conv.head or "SOLO"
     base = {"SOLO": "SOLO", "DecoupledSOLO": "DecoupledSOLO", "DecoupledSOLOLight": "DecoupledSOLO_Light"}[head]
-    if head == "DecoupledSOLOLight" and conv.num_deformable_convs:
+    if head == "DecoupledSOLOLight" and (conv.num_deformable_convs or any(conv.deform_stages)):
         base += "_DCN"
     folder = os.path.join(root, _CONFIG_DIR)
     available = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
@@ -491,7 +507,7 @@ def config_file_for(conv: ConvertedCheckpoint, source_name: str = "", root: str 
 
 #: Keys :func:`converted_config` may change, in the order a note lists them.
 _SIZE_KEYS = [
-    "MODEL.BACKBONE.NAME", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.STEM_OUT_CHANNELS",
+    "MODEL.BACKBONE.NAME", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "MODEL.RESNETS.STEM_OUT_CHANNELS",
     "MODEL.RESNETS.RES2_OUT_CHANNELS", "MODEL.RESNETS.NUM_GROUPS", "MODEL.RESNETS.WIDTH_PER_GROUP",
     "MODEL.FPN.OUT_CHANNELS", "MODEL.SOLO.NUM_CLASSES", "MODEL.SOLO.NUM_GRIDS",
     "MODEL.SOLO.CONV_CHANNELS", "MODEL.SOLO.NUM_STACKED_CONVS", "MODEL.SOLO.NUM_DEFORMABLE_CONVS",
@@ -531,9 +547,15 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
     r.DEPTH = conv.depth
     r.STEM_OUT_CHANNELS = conv.stem_channels
     r.RES2_OUT_CHANNELS = conv.res2_channels
-    if conv.depth in (18, 34):
+    r.DEFORM_ON_PER_STAGE = list(conv.deform_stages)
+    if any(conv.deform_stages):
+        # ResNet-FPN with torchvision-based deformable convs (solo_d2.modeling.deformable_resnet)
+        cfg.MODEL.BACKBONE.NAME = "build_solo_resnet_fpn_backbone"
+        r.DEFORM_MODULATED = False
+        r.DEFORM_NUM_GROUPS = 1
+    elif conv.depth in (18, 34):
         cfg.MODEL.BACKBONE.NAME = "build_narrow_resnet_fpn_backbone"
-    else:
+    if conv.depth not in (18, 34):
         r.NUM_GROUPS = 1
         r.WIDTH_PER_GROUP = conv.bottleneck_channels
     cfg.MODEL.WEIGHTS = ""

@@ -38,8 +38,9 @@ def _bn(sd, name, c):
     sd[f"{name}.num_batches_tracked"] = torch.tensor(7)
 
 
-def resnet(prefix="backbone.", depth=18, base=8):
-    """torchvision / mmdetection ResNet keys; bottleneck for depth 50 (expansion 4)."""
+def resnet(prefix="backbone.", depth=18, base=8, dcn=False):
+    """torchvision / mmdetection ResNet keys; bottleneck for depth 50 (expansion 4); ``dcn``:
+    deformable 3x3 convs (``conv2.conv_offset``) in layer2-layer4, as the light DCN model."""
     blocks = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3]}[depth]
     bottleneck = depth >= 50
     sd = {f"{prefix}conv1.weight": _t(base, 3, 7, 7)}
@@ -58,6 +59,9 @@ def resnet(prefix="backbone.", depth=18, base=8):
             for k, shape in enumerate(shapes, 1):
                 sd[f"{p}.conv{k}.weight"] = _t(*shape)
                 _bn(sd, f"{p}.bn{k}", shape[0])
+            if dcn and s > 0:
+                sd[f"{p}.conv2.conv_offset.weight"] = _t(18, *shapes[1][1:])
+                sd[f"{p}.conv2.conv_offset.bias"] = _t(18)
             if b == 0 and (s > 0 or c0 != cout):
                 sd[f"{p}.downsample.0.weight"] = _t(cout, c0, 1, 1)
                 _bn(sd, f"{p}.downsample.1", cout)
@@ -114,8 +118,8 @@ def head(kind, names="mmdet", ch=32, convs=2, classes=3, dcn=False, in_ch=32):
     return sd
 
 
-def source(kind="SOLO", names="mmdet", depth=18, **kw):
-    bb, chans = resnet("backbone.", depth)
+def source(kind="SOLO", names="mmdet", depth=18, backbone_dcn=False, **kw):
+    bb, chans = resnet("backbone.", depth, dcn=backbone_dcn)
     return {**bb, **fpn(chans), **head(kind, names, **kw)}
 
 
@@ -155,17 +159,20 @@ def load_into_model(dst, src_sd, config):
     ],
 )
 def test_layout_converts_and_loads(kind, names, dcn, config, tmp_path, capsys):
-    sd = source(kind, names, dcn=dcn)
+    # the DCN model has deformable convs in its (bottleneck) backbone too
+    sd = source(kind, names, dcn=dcn, depth=50 if dcn else 18, backbone_dcn=dcn)
     src = tmp_path / "src.pth"
     torch.save({"state_dict": sd, "meta": {"epoch": 36}}, src)
     rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
     assert rc == 0, err
     assert lines[-1] == f"{COCO}/{config}"
-    assert any("no " in l and "ResNet-18" in l for l in lines), lines
     opts = [l for l in lines if "--opts" in l]
-    assert len(opts) == 1 and "MODEL.RESNETS.DEPTH 18" in opts[0] and "MODEL.SOLO.NUM_CLASSES 3" in opts[0]
-    assert "MODEL.BACKBONE.NAME build_narrow_resnet_fpn_backbone" in opts[0]
+    assert len(opts) == 1 and "MODEL.SOLO.NUM_CLASSES 3" in opts[0]
     assert "MODEL.SOLO.NUM_GRIDS [12,10,8,6,4]" in opts[0]
+    if not dcn:
+        assert any("no " in l and "ResNet-18" in l for l in lines), lines
+        assert "MODEL.RESNETS.DEPTH 18" in opts[0]
+        assert "MODEL.BACKBONE.NAME build_narrow_resnet_fpn_backbone" in opts[0]
     _, out = load_into_model(tmp_path / "dst.pth", sd, lines[-1])
     p = "mask_head." if names == "mmdet" else "bbox_head."
     cls = "cls_convs" if names == "mmdet" else "cate_convs"
@@ -188,6 +195,9 @@ def test_layout_converts_and_loads(kind, names, dcn, config, tmp_path, capsys):
     if dcn:
         mask = "mask_convs" if names == "mmdet" else "ins_convs"
         assert torch.equal(out["head.mask_tower.3.conv_offset.weight"], sd[f"{p}{mask}.1.conv.conv_offset.weight"])
+        assert torch.equal(out["backbone.bottom_up.res4.2.conv2.conv_offset.bias"],
+                           sd["backbone.layer3.2.conv2.conv_offset.bias"])
+        assert "backbone.bottom_up.res2.0.conv2.conv_offset.weight" not in out
 
 
 def test_r50_picks_schedule_from_file_name(tmp_path, capsys):
