@@ -147,7 +147,8 @@ def output_convs(model, head: str):
 
 @torch.no_grad()
 def randomize(model, head: str, seed: int, cate_bias: float, cate_std: float, batch_inputs, data_samples):
-    """Seeded random weights with activations of order 1 (He-scaled convs, BN/GN near identity),
+    """Seeded random weights with activations of order 1 (He-scaled convs, GN near identity, BN
+    statistics measured on the inputs),
     then the output convs rescaled so that category logits are ``cate_bias + N(0, cate_std)``
     and mask logits have std 2 around a bias that puts a cell's mask near 0.5-0.65: detections
     exist and soft masks are neither all 0 nor all 1."""
@@ -166,6 +167,17 @@ def randomize(model, head: str, seed: int, cate_bias: float, cate_std: float, ba
             t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=g))
         else:
             t.copy_(0.1 * torch.randn(t.shape, generator=g))
+    # Batch-norm statistics of the backbone from the inputs themselves (one cumulative pass), so
+    # that activations stay of order 1 through the residual stages instead of growing with depth.
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    model.backbone(batch_inputs)
+    for m in bns:
+        m.eval()
+        m.momentum = 0.1
     # Calibrate the output convs on the actual inputs.
     convs = {"cate": [model.mask_head.conv_cls], "mask": output_convs(model, head)}
     seen = {k: [] for k in convs}
