@@ -338,7 +338,7 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def full_size(head: str, seed: int, threads: int):
+def full_size(head: str, seed: int):
     sys.path.insert(0, ROOT)
     import solo_d2  # noqa: F401
     from detectron2.modeling import build_model
@@ -378,38 +378,69 @@ def full_size(head: str, seed: int, threads: int):
     cate_logits, mask_feats = ours.head([feats[f] for f in ours.in_features])
     out = ours.inference_from_outputs(cate_logits, mask_feats, x, [{"image": img}])[0]["instances"]
 
-    rows = []
-    d = max((a - b).abs().max().item() for a, b in zip(full["backbone"], [bottom[f"res{i}"] for i in range(2, 6)]))
-    rows.append(("backbone res2-res5", d))
-    d = max((a - b).abs().max().item() for a, b in zip(full["neck"], [feats[f"p{i}"] for i in range(2, 7)]))
-    rows.append(("FPN p2-p6", d))
-    d = max((a - c.sigmoid()).abs().max().item() for a, c in zip(ref["cate_probs"], cate_logits))
-    rows.append(("category scores (sigmoid)", d))
+    def diff(pairs):
+        """(max abs difference, max abs reference value) over (reference, ours) pairs."""
+        pairs = list(pairs)
+        return (max((a - b).abs().max().item() for a, b in pairs), max(a.abs().max().item() for a, _ in pairs))
+
+    rows = [
+        ("backbone res2-res5", *diff(zip(full["backbone"], [bottom[f"res{i}"] for i in range(2, 6)]))),
+        ("FPN p2-p6", *diff(zip(full["neck"], [feats[f"p{i}"] for i in range(2, 7)]))),
+        ("category scores (sigmoid)", *diff(zip(ref["cate_probs"], [c.sigmoid() for c in cate_logits]))),
+    ]
     mask_size = ours.head.mask_size(mask_feats[0])
-    d = 0.0
+    pairs = []
     for level, (cells, theirs) in enumerate(zip(ref["cells"], ref["soft_masks"])):
-        m = ours.head.mask_probs(mask_feats[level], level, torch.zeros_like(cells), cells)
-        if tuple(m.shape[-2:]) != tuple(mask_size):
-            m = F.interpolate(m[:, None], size=mask_size, mode="bilinear")[:, 0]
-        d = max(d, (m - theirs[0]).abs().max().item())
-    rows.append((f"soft masks ({len(ref['cells'][0])} cells/level)", d))
+        m = ours.head.mask_probs(mask_feats[level], level, torch.zeros_like(cells), cells, out_size=mask_size)
+        pairs.append((theirs[0], m))
+    rows.append((f"soft masks ({len(ref['cells'][0])} cells per level)", *diff(pairs)))
+
     p = ref["predictions"][0]
     n = p["mask_shape"][0]
     theirs_masks = torch.from_numpy(
         np.unpackbits(p["masks_packed"].numpy(), axis=1, count=int(np.prod(p["mask_shape"][1:])))
     ).view(p["mask_shape"]).bool()
-    same = len(out) == n and bool((out.pred_classes == p["labels"]).all())
-    final = f"mmdet {n} / solo_d2 {len(out)} detections, classes {'equal' if same else 'DIFFER'}"
-    if same and n:
-        rows.append(("final scores", (out.scores - p["scores"]).abs().max().item()))
-        iou = mask_iou(out.pred_masks, theirs_masks).min().item()
+    in_order = len(out) == n and bool((out.pred_classes == p["labels"]).all())
+    if in_order:
+        score_d = (out.scores - p["scores"]).abs().max().item()
+        iou = mask_iou(out.pred_masks, theirs_masks)
+        final = f"{n} and {n} detections, same classes in the same order; min mask IoU {iou.min():.4f}"
     else:
-        iou = float("nan")
-    print(f"\n{head} R-50, one {tuple(img.shape[-2:])} image, random weights (seed {seed}), torch threads {threads}")
-    print("| stage | max abs difference |\n|---|---|")
-    for name, v in rows:
-        print(f"| {name} | {v:.2e} |")
-    print(f"| final predictions | {final}; min mask IoU {iou:.4f} |")
+        # Match each mmdet detection to an unused solo_d2 one of the same class by mask IoU.
+        ious = mask_iou_matrix(theirs_masks, out.pred_masks)
+        same = p["labels"][:, None] == out.pred_classes[None, :]
+        ious = ious * same
+        used, matched = set(), []
+        for i in range(n):
+            order = ious[i].argsort(descending=True).tolist()
+            j = next((j for j in order if j not in used and ious[i, j] >= 0.5), None)
+            if j is not None:
+                used.add(j)
+                matched.append((i, j))
+        score_d = max((abs(p["scores"][i] - out.scores[j]).item() for i, j in matched), default=float("nan"))
+        iou = torch.tensor([ious[i, j].item() for i, j in matched] or [float("nan")])
+        unmatched_ref = [round(p["scores"][i].item(), 4) for i in range(n) if i not in {a for a, _ in matched}]
+        unmatched_ours = [round(out.scores[j].item(), 4) for j in range(len(out)) if j not in used]
+        final = (
+            f"{n} (mmdet) and {len(out)} (solo_d2) detections, not in the same order; {len(matched)} matched "
+            f"(same class, mask IoU >= 0.5), min IoU of matched {iou.min():.4f}; unmatched scores: "
+            f"mmdet {unmatched_ref}, solo_d2 {unmatched_ours}; lowest kept score {p['scores'][-1].item():.4f}"
+        )
+    rows.append(("final scores (matched detections)", score_d, p["scores"].abs().max().item()))
+    print(f"\n{head} R-50, one {tuple(img.shape[-2:])} image, random weights (seed {seed}), "
+          f"{torch.get_num_threads()} torch thread(s), config {config_path}")
+    print("| stage | max abs difference | max abs value (mmdet) |\n|---|---|---|")
+    for name, v, scale in rows:
+        print(f"| {name} | {v:.2e} | {scale:.3g} |")
+    print(f"| final predictions | {final} | |")
+
+
+def mask_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) IoU of boolean masks (N, H, W) and (M, H, W)."""
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    inter = a @ b.t()
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return inter / union.clamp(min=1)
 
 
 def main():
@@ -423,7 +454,7 @@ def main():
     import_mmdet(args.mmdet_path)
     for head in args.heads:
         if args.full_size:
-            full_size(head, args.seed, torch.get_num_threads())
+            full_size(head, args.seed)
         else:
             make_fixture(head, args.out, args.seed)
 
