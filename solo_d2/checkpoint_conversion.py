@@ -320,10 +320,7 @@ def convert_state_dict(sd: Dict[str, torch.Tensor]) -> ConvertedCheckpoint:
         else:
             put(k, new, v)
     if leftover:
-        raise ConversionError(
-            f"leftover keys that no rule maps ({len(leftover)}): {sorted(leftover)[:12]}"
-            + (" ..." if len(leftover) > 12 else "")
-        )
+        raise ConversionError(f"leftover keys that no rule maps ({len(leftover)}): {_summarize(sorted(leftover))}")
     info = _describe_backbone(out)
     result = ConvertedCheckpoint(state_dict=out, layout=layout, head=None, **info)
     if layout != "torchvision":
@@ -338,9 +335,7 @@ def convert_state_dict(sd: Dict[str, torch.Tensor]) -> ConvertedCheckpoint:
 def _missing(prefix_keys: List[str], sd) -> None:
     missing = [k for k in prefix_keys if k not in sd]
     if missing:
-        raise ConversionError(
-            f"missing keys ({len(missing)}): {missing[:12]}" + (" ..." if len(missing) > 12 else "")
-        )
+        raise ConversionError(f"missing keys ({len(missing)}): {_summarize(missing)}")
 
 
 def _describe_backbone(sd) -> dict:
