@@ -1,7 +1,16 @@
 """SOLO modeling: importing this registers the ``SOLO`` meta-architecture, the SOLO heads and the
 narrow ResNet-FPN backbone."""
 from .backbone import build_narrow_resnet_backbone, build_narrow_resnet_fpn_backbone
-from .heads import SOLO_HEAD_REGISTRY, DecoupledSOLOHead, SOLOHead, build_solo_head
+from .deformable_resnet import build_solo_resnet_fpn_backbone
+from .heads import (
+    SOLO_HEAD_REGISTRY,
+    BaseSOLOHead,
+    DecoupledSOLOCompactHead,
+    DecoupledSOLOHead,
+    DecoupledSOLOLightHead,
+    SOLOHead,
+    build_solo_head,
+)
 from .meta_arch import SOLO
 from .postprocessing import SOLOPostProcessor, matrix_nms, point_nms
 from .targets import LevelTargets, SOLOTargetGenerator
@@ -9,7 +18,10 @@ from .targets import LevelTargets, SOLOTargetGenerator
 __all__ = [
     "SOLO",
     "SOLOHead",
+    "BaseSOLOHead",
     "DecoupledSOLOHead",
+    "DecoupledSOLOLightHead",
+    "DecoupledSOLOCompactHead",
     "SOLO_HEAD_REGISTRY",
     "build_solo_head",
     "SOLOTargetGenerator",
@@ -19,4 +31,5 @@ __all__ = [
     "point_nms",
     "build_narrow_resnet_backbone",
     "build_narrow_resnet_fpn_backbone",
+    "build_solo_resnet_fpn_backbone",
 ]

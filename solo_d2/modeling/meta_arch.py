@@ -58,6 +58,7 @@ class SOLO(nn.Module):
         nms_sigma: float = 2.0,
         update_thresh: float = 0.05,
         max_per_image: int = 100,
+        nms_pre_before_masks: bool = False,
         channels_last: bool = False,
     ):
         """
@@ -95,6 +96,7 @@ class SOLO(nn.Module):
             nms_sigma=nms_sigma,
             update_thresh=update_thresh,
             max_per_image=max_per_image,
+            nms_pre_before_masks=nms_pre_before_masks,
         )
         self.loss_cate_weight = loss_cate_weight
         self.loss_mask_weight = loss_mask_weight
@@ -147,6 +149,7 @@ class SOLO(nn.Module):
             "nms_sigma": sc.NMS_SIGMA,
             "update_thresh": sc.UPDATE_THRESH_TEST,
             "max_per_image": sc.MAX_PER_IMAGE,
+            "nms_pre_before_masks": sc.NMS_PRE_BEFORE_MASKS,
             "channels_last": sc.CHANNELS_LAST,
         }
 
@@ -276,9 +279,10 @@ class SOLO(nn.Module):
         for b, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             output_size = (int(x.get("height", image_size[0])), int(x.get("width", image_size[1])))
 
-            def mask_fn(level, cells, b=b):  # this image's features only
+            def mask_fn(level, cells, b=b):  # this image's features only, at the finest size
                 img = torch.zeros_like(cells)
-                return self.head.mask_probs(mask_feats[level][b : b + 1], level, img, cells)
+                feat = mask_feats[level][b : b + 1]
+                return self.head.mask_probs(feat, level, img, cells, out_size=mask_size)
 
             instances = self.postprocess(
                 [c[b] for c in cate_logits], mask_fn, mask_size, padded, image_size, output_size
