@@ -14,7 +14,12 @@ from detectron2.modeling import build_model
 
 import solo_d2  # noqa: F401
 from solo_d2.checkpoint import SafeDetectionCheckpointer
-from solo_d2.checkpoint_conversion import ConversionError, convert_state_dict, converted_config
+from solo_d2.checkpoint_conversion import (
+    ConvertedCheckpoint,
+    config_file_for,
+    convert_state_dict,
+    converted_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_weights.py")
@@ -340,3 +345,29 @@ def test_refuses_modulated_dcn(tmp_path, capsys):
             sd[k] = _t(27, *sd[k].shape[1:])
     err = _refused({"state_dict": sd}, tmp_path, capsys)
     assert "shape mismatch" in err and "conv_offset" in err
+
+
+@pytest.mark.parametrize(
+    "head_type,depth,dcn,name,config,note",
+    [
+        ("SOLO", 50, False, "solo_r50_fpn_3x_coco.pth", "SOLO_R50_3x.yaml", None),
+        ("SOLO", 50, False, "solo_r50_fpn_1x_coco.pth", "SOLO_R50_1x.yaml", None),
+        ("SOLO", 101, False, "SOLO_R101_3x.pth", "SOLO_R101_3x.yaml", None),
+        ("SOLO", 152, False, "x.pth", "SOLO_R101_3x.yaml", "ResNet-152; the closest is R-101"),
+        ("DecoupledSOLO", 50, False, "decoupled-solo_r50_fpn_1x_coco.pth", "DecoupledSOLO_R50_1x.yaml", None),
+        ("DecoupledSOLO", 101, False, "DECOUPLED_SOLO_R101_3x.pth", "DecoupledSOLO_R101_3x.yaml", None),
+        ("DecoupledSOLOLight", 50, False, "x_1x.pth", "DecoupledSOLO_Light_R50_3x.yaml", None),
+        ("DecoupledSOLOLight", 101, False, "x.pth", "DecoupledSOLO_Light_R50_3x.yaml", "ResNet-101; the closest is R-50"),
+        ("DecoupledSOLOLight", 50, True, "x.pth", "DecoupledSOLO_Light_DCN_R50_3x.yaml", None),
+    ],
+)
+def test_config_choice(head_type, depth, dcn, name, config, note):
+    conv = ConvertedCheckpoint(state_dict={}, layout="mmdet", head=head_type, depth=depth,
+                               stem_channels=64, res2_channels=256, num_deformable_convs=int(dcn))
+    path, notes = config_file_for(conv, name, root=ROOT)
+    assert path == f"{COCO}/{config}"
+    assert os.path.isfile(os.path.join(ROOT, path))
+    if note is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and note in notes[0]

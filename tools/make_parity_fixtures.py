@@ -427,12 +427,19 @@ def full_size(head: str, seed: int):
             f"mmdet {unmatched_ref}, solo_d2 {unmatched_ours}; lowest kept score {p['scores'][-1].item():.4f}"
         )
     rows.append(("final scores (matched detections)", score_d, p["scores"].abs().max().item()))
+    # (cell, class) candidates above the score threshold after point NMS: more than nms_pre means
+    # the pre-NMS top-k was exercised
+    candidates = 0
+    for c in ref["cate_probs"]:
+        hmax = F.max_pool2d(c, 2, stride=1, padding=1)[..., :-1, :-1]
+        candidates += int(((c * (hmax == c)) > tc.score_thr).sum())
     print(f"\n{head} R-50, one {tuple(img.shape[-2:])} image, random weights (seed {seed}), "
           f"{torch.get_num_threads()} torch thread(s), config {config_path}")
     print("| stage | max abs difference | max abs value (mmdet) |\n|---|---|---|")
     for name, v, scale in rows:
         print(f"| {name} | {v:.2e} | {scale:.3g} |")
     print(f"| final predictions | {final} | |")
+    print(f"candidates above score_thr {tc.score_thr} after point NMS: {candidates} (nms_pre {tc.nms_pre})")
 
 
 def mask_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
