@@ -338,7 +338,7 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def full_size(head: str, seed: int):
+def full_size(head: str, seed: int, opts=()):
     sys.path.insert(0, ROOT)
     import solo_d2  # noqa: F401
     from detectron2.modeling import build_model
@@ -353,6 +353,7 @@ def full_size(head: str, seed: int):
     conv = convert_state_dict(model.state_dict())
     config_path, _ = config_file_for(conv, root=ROOT)
     cfg = converted_config(conv, os.path.join(ROOT, config_path))
+    cfg.merge_from_list(list(opts))
     tc = model.mask_head.test_cfg
     problems = []
     for key, want in (("INPUT.FORMAT", "RGB"), ("MODEL.PIXEL_MEAN", MEAN), ("MODEL.PIXEL_STD", STD),
@@ -434,7 +435,8 @@ def full_size(head: str, seed: int):
         hmax = F.max_pool2d(c, 2, stride=1, padding=1)[..., :-1, :-1]
         candidates += int(((c * (hmax == c)) > tc.score_thr).sum())
     print(f"\n{head} R-50, one {tuple(img.shape[-2:])} image, random weights (seed {seed}), "
-          f"{torch.get_num_threads()} torch thread(s), config {config_path}")
+          f"{torch.get_num_threads()} torch thread(s), config {config_path}"
+          + (f" with {' '.join(opts)}" if opts else ""))
     print("| stage | max abs difference | max abs value (mmdet) |\n|---|---|---|")
     for name, v, scale in rows:
         print(f"| {name} | {v:.2e} | {scale:.3g} |")
@@ -457,11 +459,12 @@ def main():
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-size", action="store_true", help="R-50 800x1333 comparison (prints a table)")
+    parser.add_argument("--opts", nargs="*", default=[], help="--full-size: KEY VALUE pairs for the solo_d2 config")
     args = parser.parse_args()
     import_mmdet(args.mmdet_path)
     for head in args.heads:
         if args.full_size:
-            full_size(head, args.seed)
+            full_size(head, args.seed, args.opts)
         else:
             make_fixture(head, args.out, args.seed)
 
