@@ -371,3 +371,29 @@ def test_config_choice(head_type, depth, dcn, name, config, note):
         assert notes == []
     else:
         assert len(notes) == 1 and note in notes[0]
+
+
+@pytest.mark.parametrize("head_type", ["SOLO", "DecoupledSOLO", "DecoupledSOLOLight"])
+def test_real_mmdet_state_dict_with_printed_config_and_opts(head_type, tmp_path, capsys):
+    """mmdetection's own state dict (from the parity fixture): the printed config plus the
+    printed --opts build a model that loads the converted file strictly."""
+    from detectron2.config import get_cfg
+
+    from solo_d2.config import add_solo_config
+
+    fx = torch.load(os.path.join(ROOT, "tests", "fixtures", "parity", f"{head_type}.pth"), weights_only=True)
+    src = tmp_path / "mmdet.pth"
+    torch.save({"state_dict": fx["state_dict"], "meta": {"mmdet_version": "3.3.0"}}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    opts = [l.split("--opts ")[1].split() for l in lines if "--opts" in l]
+    assert len(opts) == 1
+    cfg = get_cfg()
+    add_solo_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, lines[-1]))
+    assert any("3 classes: set DATASETS.TRAIN / DATASETS.TEST" in l for l in lines), lines
+    cfg.merge_from_list(opts[0] + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "()",
+                                   "DATASETS.TEST", "()"])
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(tmp_path / "dst.pth", weights_only=True)["model"], strict=True)
+    assert type(model.head).__name__ == f"{head_type}Head"

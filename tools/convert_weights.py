@@ -72,6 +72,11 @@ def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = Fal
                 f"note: this checkpoint's model differs from {config_path}: use it with --opts "
                 + " ".join(opts)
             )
+        if "MODEL.SOLO.NUM_CLASSES" in opts:
+            notes.append(
+                f"note: {conv.num_classes} classes: set DATASETS.TRAIN / DATASETS.TEST to datasets "
+                f"with {conv.num_classes} classes (the config's have {plain.MODEL.SOLO.NUM_CLASSES})"
+            )
     model = build_model(cfg)
     try:
         check_against_model(conv.state_dict, model, backbone_only=backbone_only)
