@@ -114,11 +114,11 @@ def load_source_checkpoint(path: str, unsafe_load: bool = False):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError (or RuntimeError in older versions)
         first = str(e).strip().splitlines()
-        detail = next((l.strip() for l in first if "GLOBAL" in l or "global" in l), first[0] if first else "")
+        detail = next((l.strip() for l in first if "GLOBAL" in l or "global" in l),
+                      first[0] if first else "")
         raise ConversionError(
             f"{path} needs arbitrary unpickling to load (it holds Python objects, which can run "
-            f"code: {detail[:200]}); if you trust this file, rerun with --unsafe-load"
-        ) from None
+            f"code: {detail[:200]}); if you trust this file, rerun with --unsafe-load") from None
 
 
 def extract_state_dict(obj) -> Dict[str, torch.Tensor]:
@@ -132,8 +132,7 @@ def extract_state_dict(obj) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj:
         raise ConversionError(
             "unknown layout: the checkpoint is not a state dict (nor a dict with 'state_dict' "
-            f"or 'model'), got {type(obj).__name__}"
-        )
+            f"or 'model'), got {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConversionError(f"unknown layout: entries that are not tensors: {bad[:5]}")
@@ -151,17 +150,16 @@ def detect_layout(sd: Dict[str, torch.Tensor]) -> str:
         return "official"
     if "conv1.weight" in sd and "bn1.weight" in sd and any(k.startswith("layer1.") for k in sd):
         return "torchvision"
-    if any(k.startswith("backbone.bottom_up.") for k in sd) or any(k.startswith("head.") for k in sd):
+    if any(k.startswith("backbone.bottom_up.")
+           for k in sd) or any(k.startswith("head.") for k in sd):
         raise ConversionError(
             "unknown layout: this looks like a solo_d2 / Detectron2 checkpoint already (keys "
-            "'backbone.bottom_up.*' / 'head.*'); load it directly with MODEL.WEIGHTS"
-        )
+            "'backbone.bottom_up.*' / 'head.*'); load it directly with MODEL.WEIGHTS")
     sample = sorted(sd)[:5]
     raise ConversionError(
         "unknown layout: expected an mmdetection SOLO checkpoint ('mask_head.*'), an official "
         "SOLO checkpoint ('bbox_head.*') or a torchvision ResNet ('conv1', 'bn1', 'layer1.*'); "
-        f"first keys: {sample}"
-    )
+        f"first keys: {sample}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +301,8 @@ def convert_state_dict(sd: Dict[str, torch.Tensor]) -> ConvertedCheckpoint:
     def put(src_key, new_key, value):
         if new_key in out:
             raise ConversionError(f"two source keys map to {new_key!r} (one is {src_key!r})")
-        out[new_key] = value.detach().clone().float() if value.is_floating_point() else value.clone()
+        out[new_key] = value.detach().clone().float() if value.is_floating_point() else value.clone(
+        )
 
     for k, v in other.items():
         for pattern, repl in rules:
@@ -320,7 +319,8 @@ def convert_state_dict(sd: Dict[str, torch.Tensor]) -> ConvertedCheckpoint:
         else:
             put(k, new, v)
     if leftover:
-        raise ConversionError(f"leftover keys that no rule maps ({len(leftover)}): {_summarize(sorted(leftover))}")
+        raise ConversionError(
+            f"leftover keys that no rule maps ({len(leftover)}): {_summarize(sorted(leftover))}")
     info = _describe_backbone(out)
     result = ConvertedCheckpoint(state_dict=out, layout=layout, head=None, **info)
     if layout != "torchvision":
@@ -344,7 +344,11 @@ def _describe_backbone(sd) -> dict:
     blocks = []
     bottleneck = any(re.match(rf"{re.escape(bu)}res\d\.\d+\.conv3\.", k) for k in sd)
     for s in range(2, 6):
-        ids = {int(m[1]) for k in sd for m in [re.match(rf"{re.escape(bu)}res{s}\.(\d+)\.", k)] if m}
+        ids = {
+            int(m[1])
+            for k in sd
+            for m in [re.match(rf"{re.escape(bu)}res{s}\.(\d+)\.", k)] if m
+        }
         if not ids:
             raise ConversionError(f"missing keys: no backbone stage res{s} ({bu}res{s}.*)")
         if ids != set(range(max(ids) + 1)):
@@ -355,8 +359,7 @@ def _describe_backbone(sd) -> dict:
     if depth is None:
         raise ConversionError(
             f"unknown layout: a ResNet with {blocks} blocks per stage "
-            f"({'bottleneck' if bottleneck else 'basic'} blocks) is not ResNet-18/34/50/101/152"
-        )
+            f"({'bottleneck' if bottleneck else 'basic'} blocks) is not ResNet-18/34/50/101/152")
     expected = []
     convs = (1, 2, 3) if bottleneck else (1, 2)
     for s, n in zip(range(2, 6), blocks):
@@ -371,8 +374,7 @@ def _describe_backbone(sd) -> dict:
         if any(has) and not all(has):
             raise ConversionError(
                 f"unsupported layout: only blocks {[b for b in range(n) if has[b]]} of res{s} have "
-                "deformable convs; solo_d2 makes all or none of a stage's blocks deformable"
-            )
+                "deformable convs; solo_d2 makes all or none of a stage's blocks deformable")
         deform.append(all(has))
     return {
         "deform_stages": tuple(deform),
@@ -384,7 +386,10 @@ def _describe_backbone(sd) -> dict:
 
 
 def _describe_neck(sd, info: ConvertedCheckpoint) -> None:
-    expected = [f"backbone.fpn_{n}{i}.{w}" for n in ("lateral", "output") for i in range(2, 6) for w in ("weight", "bias")]
+    expected = [
+        f"backbone.fpn_{n}{i}.{w}" for n in ("lateral", "output") for i in range(2, 6)
+        for w in ("weight", "bias")
+    ]
     _missing(expected, sd)
     info.fpn_channels = int(sd["backbone.fpn_output2.weight"].shape[0])
 
@@ -408,8 +413,7 @@ def _tower_size(sd, name: str, has_norm: bool) -> Tuple[int, int, bool]:
     if deform and deform != list(range(n - len(deform), n)):
         raise ConversionError(
             f"unsupported layout: deformable convs of head.{name} at positions {deform}; "
-            "solo_d2 supports deformable convs only at the end of a tower"
-        )
+            "solo_d2 supports deformable convs only at the end of a tower")
     return n, len(deform), has_norm
 
 
@@ -424,9 +428,11 @@ def _describe_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, bool]) -> 
     else:
         raise ConversionError(
             "missing keys: no mask output convs (mmdet 'conv_mask_list' / 'conv_mask_list_x|y', "
-            "official 'solo_ins_list' / 'dsolo_ins_list_x|y')"
-        )
-    stray = [k for k in sd if k.startswith("head.") and k.split(".")[1] not in towers + ["cate_pred", "mask_preds"]]
+            "official 'solo_ins_list' / 'dsolo_ins_list_x|y')")
+    stray = [
+        k for k in sd
+        if k.startswith("head.") and k.split(".")[1] not in towers + ["cate_pred", "mask_preds"]
+    ]
     if stray:
         raise ConversionError(f"leftover keys: {head} checkpoint also has {sorted(stray)[:8]}")
     _missing(["head.cate_pred.weight", "head.cate_pred.bias"], sd)
@@ -444,7 +450,7 @@ def _describe_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, bool]) -> 
         if head == "SOLO":
             _missing([f"head.mask_preds.{l}.weight", f"head.mask_preds.{l}.bias"], sd)
             s2 = sd[f"head.mask_preds.{l}.weight"].shape[0]
-            s = int(round(s2 ** 0.5))
+            s = int(round(s2**0.5))
             if s * s != s2:
                 raise ConversionError(
                     f"shape mismatch: head.mask_preds.{l}.weight has {s2} channels, not a square S^2"
@@ -465,7 +471,9 @@ def _describe_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, bool]) -> 
 # ---------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------
-def config_file_for(conv: ConvertedCheckpoint, source_name: str = "", root: str = ".") -> Tuple[str, List[str]]:
+def config_file_for(conv: ConvertedCheckpoint,
+                    source_name: str = "",
+                    root: str = ".") -> Tuple[str, List[str]]:
     """The ``configs/COCO-InstanceSegmentation/*.yaml`` path for a converted checkpoint, and notes.
 
     Chosen from the head type, the ResNet depth, light / DCN and (for schedules that exist as
@@ -473,7 +481,11 @@ def config_file_for(conv: ConvertedCheckpoint, source_name: str = "", root: str 
     with a note saying which keys to change.
     """
     head = conv.head or "SOLO"
-    base = {"SOLO": "SOLO", "DecoupledSOLO": "DecoupledSOLO", "DecoupledSOLOLight": "DecoupledSOLO_Light"}[head]
+    base = {
+        "SOLO": "SOLO",
+        "DecoupledSOLO": "DecoupledSOLO",
+        "DecoupledSOLOLight": "DecoupledSOLO_Light"
+    }[head]
     if head == "DecoupledSOLOLight" and (conv.num_deformable_convs or any(conv.deform_stages)):
         base += "_DCN"
     folder = os.path.join(root, _CONFIG_DIR)
@@ -490,22 +502,31 @@ def config_file_for(conv: ConvertedCheckpoint, source_name: str = "", root: str 
     depth = conv.depth
     if depth not in found:
         closest = min(found, key=lambda d: (abs(d - depth), d))
-        notes.append(f"note: there is no {base} config for ResNet-{depth}; the closest is R-{closest}")
+        notes.append(
+            f"note: there is no {base} config for ResNet-{depth}; the closest is R-{closest}")
         depth = closest
     schedules = found[depth]
     sched = "1x" if "1x" in os.path.basename(source_name) and "1x" in schedules else (
-        "3x" if "3x" in schedules else schedules[0]
-    )
+        "3x" if "3x" in schedules else schedules[0])
     path = os.path.join(_CONFIG_DIR, f"{base}_R{depth}_{sched}.yaml")
     return path, notes
 
 
 #: Keys :func:`converted_config` may change, in the order a note lists them.
 _SIZE_KEYS = [
-    "MODEL.BACKBONE.NAME", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "MODEL.RESNETS.STEM_OUT_CHANNELS",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "MODEL.RESNETS.NUM_GROUPS", "MODEL.RESNETS.WIDTH_PER_GROUP",
-    "MODEL.FPN.OUT_CHANNELS", "MODEL.SOLO.NUM_CLASSES", "MODEL.SOLO.NUM_GRIDS",
-    "MODEL.SOLO.CONV_CHANNELS", "MODEL.SOLO.NUM_STACKED_CONVS", "MODEL.SOLO.NUM_DEFORMABLE_CONVS",
+    "MODEL.BACKBONE.NAME",
+    "MODEL.RESNETS.DEPTH",
+    "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "MODEL.RESNETS.NUM_GROUPS",
+    "MODEL.RESNETS.WIDTH_PER_GROUP",
+    "MODEL.FPN.OUT_CHANNELS",
+    "MODEL.SOLO.NUM_CLASSES",
+    "MODEL.SOLO.NUM_GRIDS",
+    "MODEL.SOLO.CONV_CHANNELS",
+    "MODEL.SOLO.NUM_STACKED_CONVS",
+    "MODEL.SOLO.NUM_DEFORMABLE_CONVS",
     "MODEL.SOLO.NORM",
 ]
 
@@ -519,7 +540,8 @@ def config_overrides(cfg, base_cfg) -> List[str]:
         for part in key.split("."):
             a, b = a[part], b[part]
         if a != b:
-            value = "[" + ",".join(str(x) for x in a) + "]" if isinstance(a, (list, tuple)) else (a if a != "" else '""')
+            value = "[" + ",".join(str(x) for x in a) + "]" if isinstance(
+                a, (list, tuple)) else (a if a != "" else '""')
             out += [key, str(value)]
     return out
 
@@ -560,10 +582,8 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
         s = cfg.MODEL.SOLO
         s.NUM_CLASSES = conv.num_classes
         if len(conv.num_grids) != len(s.NUM_GRIDS):
-            raise ConversionError(
-                f"the checkpoint has {len(conv.num_grids)} levels, the config "
-                f"{len(s.NUM_GRIDS)} (MODEL.SOLO.NUM_GRIDS)"
-            )
+            raise ConversionError(f"the checkpoint has {len(conv.num_grids)} levels, the config "
+                                  f"{len(s.NUM_GRIDS)} (MODEL.SOLO.NUM_GRIDS)")
         s.NUM_GRIDS = list(conv.num_grids)
         s.CONV_CHANNELS = conv.conv_channels
         s.NUM_STACKED_CONVS = conv.num_stacked_convs
@@ -592,15 +612,17 @@ def check_against_model(sd: Dict[str, torch.Tensor], model, backbone_only: bool 
     """Raise :class:`ConversionError` unless ``sd`` has exactly ``model``'s parameters and buffers
     (of ``backbone.bottom_up`` only, when ``backbone_only``), with the same shapes; the message
     names the missing, leftover and mismatched keys."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(("pixel_mean", "pixel_std"))}
+    expected = {
+        k: v.shape
+        for k, v in model.state_dict().items() if not k.startswith(("pixel_mean", "pixel_std"))
+    }
     if backbone_only:
         expected = {k: s for k, s in expected.items() if k.startswith("backbone.bottom_up.")}
     missing = sorted(set(expected) - set(sd))
     leftover = sorted(set(sd) - set(expected))
     shapes = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
-        for k in sorted(set(sd) & set(expected))
-        if tuple(sd[k].shape) != tuple(expected[k])
+        for k in sorted(set(sd) & set(expected)) if tuple(sd[k].shape) != tuple(expected[k])
     ]
     problems = []
     if missing:
@@ -608,6 +630,7 @@ def check_against_model(sd: Dict[str, torch.Tensor], model, backbone_only: bool 
     if leftover:
         problems.append(f"leftover keys ({len(leftover)}): {_summarize(leftover)}")
     if shapes:
-        problems.append(f"shape mismatches ({len(shapes)}): {shapes[:4]}" + (" ..." if len(shapes) > 4 else ""))
+        problems.append(f"shape mismatches ({len(shapes)}): {shapes[:4]}" +
+                        (" ..." if len(shapes) > 4 else ""))
     if problems:
         raise ConversionError("; ".join(problems))

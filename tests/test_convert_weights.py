@@ -77,8 +77,10 @@ def resnet(prefix="backbone.", depth=18, base=8, dcn=False):
 def fpn(in_channels, out=32):
     sd = {}
     for i, c in enumerate(in_channels):
-        sd[f"neck.lateral_convs.{i}.conv.weight"], sd[f"neck.lateral_convs.{i}.conv.bias"] = _t(out, c, 1, 1), _t(out)
-        sd[f"neck.fpn_convs.{i}.conv.weight"], sd[f"neck.fpn_convs.{i}.conv.bias"] = _t(out, out, 3, 3), _t(out)
+        sd[f"neck.lateral_convs.{i}.conv.weight"], sd[f"neck.lateral_convs.{i}.conv.bias"] = _t(
+            out, c, 1, 1), _t(out)
+        sd[f"neck.fpn_convs.{i}.conv.weight"], sd[f"neck.fpn_convs.{i}.conv.bias"] = _t(
+            out, out, 3, 3), _t(out)
     return sd
 
 
@@ -88,10 +90,18 @@ GRIDS = [12, 10, 8, 6, 4]
 def head(kind, names="mmdet", ch=32, convs=2, classes=3, dcn=False, in_ch=32):
     """A SOLO / DecoupledSOLO / DecoupledSOLOLight head in mmdetection's or the official names."""
     n = {
-        "mmdet": dict(prefix="mask_head.", cls="cls_convs", conv_cls="conv_cls", mask="mask_convs",
-                      list="conv_mask_list"),
-        "official": dict(prefix="bbox_head.", cls="cate_convs", mask="ins_convs", list="solo_ins_list",
-                         conv_cls="solo_cate" if kind == "SOLO" else "dsolo_cate"),
+        "mmdet":
+        dict(prefix="mask_head.",
+             cls="cls_convs",
+             conv_cls="conv_cls",
+             mask="mask_convs",
+             list="conv_mask_list"),
+        "official":
+        dict(prefix="bbox_head.",
+             cls="cate_convs",
+             mask="ins_convs",
+             list="solo_ins_list",
+             conv_cls="solo_cate" if kind == "SOLO" else "dsolo_cate"),
     }[names]
     if names == "official" and kind != "SOLO":
         n["list"] = "dsolo_ins_list"
@@ -113,13 +123,16 @@ def head(kind, names="mmdet", ch=32, convs=2, classes=3, dcn=False, in_ch=32):
         tower(n["mask"] + "_y", in_ch + 1)
     else:
         tower(n["mask"], in_ch + 2)
-    sd[f"{p}{n['conv_cls']}.weight"], sd[f"{p}{n['conv_cls']}.bias"] = _t(classes, ch, 3, 3), _t(classes)
+    sd[f"{p}{n['conv_cls']}.weight"], sd[f"{p}{n['conv_cls']}.bias"] = _t(classes, ch, 3,
+                                                                          3), _t(classes)
     for l, s in enumerate(GRIDS):
         if kind == "SOLO":
-            sd[f"{p}{n['list']}.{l}.weight"], sd[f"{p}{n['list']}.{l}.bias"] = _t(s * s, ch, 1, 1), _t(s * s)
+            sd[f"{p}{n['list']}.{l}.weight"], sd[f"{p}{n['list']}.{l}.bias"] = _t(s * s, ch, 1,
+                                                                                  1), _t(s * s)
         else:
             for a in "xy":
-                sd[f"{p}{n['list']}_{a}.{l}.weight"], sd[f"{p}{n['list']}_{a}.{l}.bias"] = _t(s, ch, 3, 3), _t(s)
+                sd[f"{p}{n['list']}_{a}.{l}.weight"], sd[f"{p}{n['list']}_{a}.{l}.bias"] = _t(
+                    s, ch, 3, 3), _t(s)
     return sd
 
 
@@ -199,7 +212,8 @@ def test_layout_converts_and_loads(kind, names, dcn, config, tmp_path, capsys):
         assert torch.equal(out["head.mask_tower_x.0.weight"], sd[f"{p}{mask}_x.0.conv.weight"])
     if dcn:
         mask = "mask_convs" if names == "mmdet" else "ins_convs"
-        assert torch.equal(out["head.mask_tower.3.conv_offset.weight"], sd[f"{p}{mask}.1.conv.conv_offset.weight"])
+        assert torch.equal(out["head.mask_tower.3.conv_offset.weight"],
+                           sd[f"{p}{mask}.1.conv.conv_offset.weight"])
         assert torch.equal(out["backbone.bottom_up.res4.2.conv2.conv_offset.bias"],
                            sd["backbone.layer3.2.conv2.conv_offset.bias"])
         assert "backbone.bottom_up.res2.0.conv2.conv_offset.weight" not in out
@@ -215,9 +229,11 @@ def test_r50_picks_schedule_from_file_name(tmp_path, capsys):
     assert not any("no SOLO config" in l for l in lines)
     # only the narrow widths of this synthetic R-50 differ from the config
     opts = [l.split("--opts ")[1] for l in lines if "--opts" in l]
-    assert opts == ["MODEL.RESNETS.STEM_OUT_CHANNELS 8 MODEL.RESNETS.RES2_OUT_CHANNELS 32 "
-                    "MODEL.RESNETS.WIDTH_PER_GROUP 8 MODEL.FPN.OUT_CHANNELS 32 MODEL.SOLO.NUM_GRIDS "
-                    "[12,10,8,6,4] MODEL.SOLO.CONV_CHANNELS 32 MODEL.SOLO.NUM_STACKED_CONVS 2"], lines
+    assert opts == [
+        "MODEL.RESNETS.STEM_OUT_CHANNELS 8 MODEL.RESNETS.RES2_OUT_CHANNELS 32 "
+        "MODEL.RESNETS.WIDTH_PER_GROUP 8 MODEL.FPN.OUT_CHANNELS 32 MODEL.SOLO.NUM_GRIDS "
+        "[12,10,8,6,4] MODEL.SOLO.CONV_CHANNELS 32 MODEL.SOLO.NUM_STACKED_CONVS 2"
+    ], lines
     load_into_model(tmp_path / "dst.pth", sd, lines[-1])
 
 
@@ -232,7 +248,8 @@ def test_torchvision_resnet_backbone_only(depth, tmp_path, capsys):
     assert lines[-1] == f"{COCO}/SOLO_R50_3x.yaml"
     out = torch.load(tmp_path / "dst.pth", weights_only=True)["model"]
     assert all(k.startswith("backbone.bottom_up.") for k in out)
-    assert torch.equal(out["backbone.bottom_up.stem.conv1.norm.running_mean"], sd["bn1.running_mean"])
+    assert torch.equal(out["backbone.bottom_up.stem.conv1.norm.running_mean"],
+                       sd["bn1.running_mean"])
     assert torch.equal(out["backbone.bottom_up.res5.1.conv2.weight"], sd["layer4.1.conv2.weight"])
 
 
@@ -240,8 +257,11 @@ def test_cli_last_line_is_the_config(tmp_path):
     """The real command line: the config is the last line of stdout, for `| tail -n1`."""
     src = tmp_path / "src.pth"
     torch.save({"state_dict": source("SOLO")}, src)
-    proc = subprocess.run([sys.executable, TOOL, str(src), str(tmp_path / "d.pth")],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, TOOL, str(src), str(tmp_path / "d.pth")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"{COCO}/SOLO_R50_3x.yaml"
     assert os.path.isfile(os.path.join(ROOT, proc.stdout.strip().splitlines()[-1]))
@@ -333,7 +353,9 @@ def test_refuses_arbitrary_pickle_without_unsafe_load(tmp_path, capsys):
 
 
 def test_refuses_a_solo_d2_checkpoint(tmp_path, capsys):
-    err = _refused({"model": {"backbone.bottom_up.stem.conv1.weight": _t(8, 3, 7, 7)}}, tmp_path, capsys)
+    err = _refused({"model": {
+        "backbone.bottom_up.stem.conv1.weight": _t(8, 3, 7, 7)
+    }}, tmp_path, capsys)
     assert "already" in err
 
 
@@ -354,16 +376,24 @@ def test_refuses_modulated_dcn(tmp_path, capsys):
         ("SOLO", 50, False, "solo_r50_fpn_1x_coco.pth", "SOLO_R50_1x.yaml", None),
         ("SOLO", 101, False, "SOLO_R101_3x.pth", "SOLO_R101_3x.yaml", None),
         ("SOLO", 152, False, "x.pth", "SOLO_R101_3x.yaml", "ResNet-152; the closest is R-101"),
-        ("DecoupledSOLO", 50, False, "decoupled-solo_r50_fpn_1x_coco.pth", "DecoupledSOLO_R50_1x.yaml", None),
-        ("DecoupledSOLO", 101, False, "DECOUPLED_SOLO_R101_3x.pth", "DecoupledSOLO_R101_3x.yaml", None),
+        ("DecoupledSOLO", 50, False, "decoupled-solo_r50_fpn_1x_coco.pth",
+         "DecoupledSOLO_R50_1x.yaml", None),
+        ("DecoupledSOLO", 101, False, "DECOUPLED_SOLO_R101_3x.pth", "DecoupledSOLO_R101_3x.yaml",
+         None),
         ("DecoupledSOLOLight", 50, False, "x_1x.pth", "DecoupledSOLO_Light_R50_3x.yaml", None),
-        ("DecoupledSOLOLight", 101, False, "x.pth", "DecoupledSOLO_Light_R50_3x.yaml", "ResNet-101; the closest is R-50"),
+        ("DecoupledSOLOLight", 101, False, "x.pth", "DecoupledSOLO_Light_R50_3x.yaml",
+         "ResNet-101; the closest is R-50"),
         ("DecoupledSOLOLight", 50, True, "x.pth", "DecoupledSOLO_Light_DCN_R50_3x.yaml", None),
     ],
 )
 def test_config_choice(head_type, depth, dcn, name, config, note):
-    conv = ConvertedCheckpoint(state_dict={}, layout="mmdet", head=head_type, depth=depth,
-                               stem_channels=64, res2_channels=256, num_deformable_convs=int(dcn))
+    conv = ConvertedCheckpoint(state_dict={},
+                               layout="mmdet",
+                               head=head_type,
+                               depth=depth,
+                               stem_channels=64,
+                               res2_channels=256,
+                               num_deformable_convs=int(dcn))
     path, notes = config_file_for(conv, name, root=ROOT)
     assert path == f"{COCO}/{config}"
     assert os.path.isfile(os.path.join(ROOT, path))
@@ -381,7 +411,8 @@ def test_real_mmdet_state_dict_with_printed_config_and_opts(head_type, tmp_path,
 
     from solo_d2.config import add_solo_config
 
-    fx = torch.load(os.path.join(ROOT, "tests", "fixtures", "parity", f"{head_type}.pth"), weights_only=True)
+    fx = torch.load(os.path.join(ROOT, "tests", "fixtures", "parity", f"{head_type}.pth"),
+                    weights_only=True)
     src = tmp_path / "mmdet.pth"
     torch.save({"state_dict": fx["state_dict"], "meta": {"mmdet_version": "3.3.0"}}, src)
     rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
@@ -392,8 +423,9 @@ def test_real_mmdet_state_dict_with_printed_config_and_opts(head_type, tmp_path,
     add_solo_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, lines[-1]))
     assert any("3 classes: set DATASETS.TRAIN / DATASETS.TEST" in l for l in lines), lines
-    cfg.merge_from_list(opts[0] + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "()",
-                                   "DATASETS.TEST", "()"])
+    cfg.merge_from_list(
+        opts[0] +
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
     model = build_model(cfg)
     model.load_state_dict(torch.load(tmp_path / "dst.pth", weights_only=True)["model"], strict=True)
     assert type(model.head).__name__ == f"{head_type}Head"

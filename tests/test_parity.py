@@ -22,7 +22,11 @@ from solo_d2.config import add_solo_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
 # solo_d2's head type for each mmdetection head
-HEAD_TYPES = {"SOLO": "SOLOHead", "DecoupledSOLO": "DecoupledSOLOHead", "DecoupledSOLOLight": "DecoupledSOLOLightHead"}
+HEAD_TYPES = {
+    "SOLO": "SOLOHead",
+    "DecoupledSOLO": "DecoupledSOLOHead",
+    "DecoupledSOLOLight": "DecoupledSOLOLightHead"
+}
 
 
 def load_fixture(head):
@@ -91,8 +95,12 @@ def run(request):
         bottom_up = model.backbone.bottom_up(images.tensor)
         cate_logits, mask_feats = model.head([feats[f] for f in model.in_features])
         results = model(inputs)
-    return fx, model, dict(images=images, feats=feats, bottom_up=bottom_up, cate_logits=cate_logits,
-                           mask_feats=mask_feats, results=results)
+    return fx, model, dict(images=images,
+                           feats=feats,
+                           bottom_up=bottom_up,
+                           cate_logits=cate_logits,
+                           mask_feats=mask_feats,
+                           results=results)
 
 
 def test_fixture_is_a_two_size_batch(run):
@@ -106,10 +114,10 @@ def test_backbone_and_fpn_match(run):
     fx, _, out = run
     assert len(fx["backbone"]) == 4 and len(fx["neck"]) == 5
     for i, ref in enumerate(fx["backbone"]):
-        ours = out["bottom_up"][f"res{i + 2}"][:, : ref.shape[1]]
+        ours = out["bottom_up"][f"res{i + 2}"][:, :ref.shape[1]]
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     for i, ref in enumerate(fx["neck"]):
-        ours = out["feats"][f"p{i + 2}"][:, : ref.shape[1]]
+        ours = out["feats"][f"p{i + 2}"][:, :ref.shape[1]]
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
@@ -127,9 +135,11 @@ def test_soft_masks_match(run):
         for b in range(ref.shape[0]):
             with torch.no_grad():
                 # at the finest mask size, as the postprocessing asks for them
-                m = model.head.mask_probs(
-                    out["mask_feats"][level], level, torch.full_like(cells, b), cells, out_size=mask_size
-                )
+                m = model.head.mask_probs(out["mask_feats"][level],
+                                          level,
+                                          torch.full_like(cells, b),
+                                          cells,
+                                          out_size=mask_size)
             torch.testing.assert_close(m, ref[b], atol=1e-4, rtol=0)
 
 

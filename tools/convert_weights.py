@@ -27,15 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from solo_d2.checkpoint_conversion import (  # noqa: E402
-    AUTHOR,
-    ConversionError,
-    check_against_model,
-    config_file_for,
-    config_overrides,
-    convert_state_dict,
-    converted_config,
-    extract_state_dict,
-    load_source_checkpoint,
+    AUTHOR, ConversionError, check_against_model, config_file_for, config_overrides,
+    convert_state_dict, converted_config, extract_state_dict, load_source_checkpoint,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,9 +62,8 @@ def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = Fal
         opts = config_overrides(cfg, plain)
         if opts:
             notes.append(
-                f"note: this checkpoint's model differs from {config_path}: use it with --opts "
-                + " ".join(opts)
-            )
+                f"note: this checkpoint's model differs from {config_path}: use it with --opts " +
+                " ".join(opts))
         if "MODEL.SOLO.NUM_CLASSES" in opts:
             notes.append(
                 f"note: {conv.num_classes} classes: set DATASETS.TRAIN / DATASETS.TEST to datasets "
@@ -84,18 +76,18 @@ def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = Fal
         what = f"{conv.layout} {conv.head or 'ResNet'} R-{conv.depth} checkpoint"
         builds = f"{type(model.head).__name__} (MODEL.SOLO.HEAD_TYPE {cfg.MODEL.SOLO.HEAD_TYPE!r})"
         raise ConversionError(
-            f"{what} does not fit the model of {config_path}, which builds {builds}: {e}"
-        ) from None
+            f"{what} does not fit the model of {config_path}, which builds {builds}: {e}") from None
     out = {"model": conv.state_dict, "__author__": AUTHOR, "matching_heuristics": False}
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     torch.save(out, dst)
-    print(
-        f"converted {src} ({conv.layout} layout, "
-        + (f"{conv.head} head, {conv.num_classes} classes, grids {conv.num_grids}, " if conv.head else "backbone only, ")
-        + f"ResNet-{conv.depth}, {len(conv.state_dict)} tensors) to {dst}"
-    )
+    print(f"converted {src} ({conv.layout} layout, " +
+          (f"{conv.head} head, {conv.num_classes} classes, grids {conv.num_grids}, " if conv.
+           head else "backbone only, ") +
+          f"ResNet-{conv.depth}, {len(conv.state_dict)} tensors) to {dst}")
     if backbone_only:
-        print("note: backbone only (ImageNet weights): the FPN and the head start from their initialisation")
+        print(
+            "note: backbone only (ImageNet weights): the FPN and the head start from their initialisation"
+        )
     for note in notes:
         print(note)
     return config_path
@@ -103,9 +95,12 @@ def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = Fal
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="mmdetection / official SOLO checkpoint, or torchvision ResNet state dict")
+    parser.add_argument(
+        "src", help="mmdetection / official SOLO checkpoint, or torchvision ResNet state dict")
     parser.add_argument("dst", help="output .pth for solo_d2 (MODEL.WEIGHTS)")
-    parser.add_argument("--config-file", default=None, help="check against this config's model and print it")
+    parser.add_argument("--config-file",
+                        default=None,
+                        help="check against this config's model and print it")
     parser.add_argument(
         "--unsafe-load",
         action="store_true",

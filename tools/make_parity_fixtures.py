@@ -48,7 +48,11 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADS = ("SOLO", "DecoupledSOLO", "DecoupledSOLOLight")
-MMDET_HEAD_TYPE = {"SOLO": "SOLOHead", "DecoupledSOLO": "DecoupledSOLOHead", "DecoupledSOLOLight": "DecoupledSOLOLightHead"}
+MMDET_HEAD_TYPE = {
+    "SOLO": "SOLOHead",
+    "DecoupledSOLO": "DecoupledSOLOHead",
+    "DecoupledSOLOLight": "DecoupledSOLOLightHead"
+}
 MEAN = [123.675, 116.28, 103.53]
 STD = [58.395, 57.12, 57.375]
 
@@ -74,10 +78,15 @@ class _StubOps(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             if attr.startswith("__"):
                 raise AttributeError(attr)
             if attr not in cache:
-                def unavailable(self, *a, **k):
-                    raise RuntimeError(f"{spec.name}.{attr} is a stub: mmcv-lite has no compiled ops")
 
-                cache[attr] = type(attr, (torch.nn.Module,), {"__module__": spec.name, "forward": unavailable})
+                def unavailable(self, *a, **k):
+                    raise RuntimeError(
+                        f"{spec.name}.{attr} is a stub: mmcv-lite has no compiled ops")
+
+                cache[attr] = type(attr, (torch.nn.Module, ), {
+                    "__module__": spec.name,
+                    "forward": unavailable
+                })
             return cache[attr]
 
         module.__getattr__ = __getattr__
@@ -89,14 +98,17 @@ class _StubOps(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def import_mmdet(mmdet_path: str):
     if not os.path.isdir(os.path.join(mmdet_path, "mmdet")):
-        sys.exit(f"error: --mmdet-path {mmdet_path} has no mmdet package (see this tool's docstring)")
+        sys.exit(
+            f"error: --mmdet-path {mmdet_path} has no mmdet package (see this tool's docstring)")
     sys.path.insert(0, mmdet_path)
     sys.meta_path.insert(0, _StubOps())
     import mmdet
     from mmdet.utils import register_all_modules
 
     if mmdet.__version__ != "3.3.0":
-        sys.exit(f"error: mmdet {mmdet.__version__} found in {mmdet_path}; the fixtures are made with 3.3.0")
+        sys.exit(
+            f"error: mmdet {mmdet.__version__} found in {mmdet_path}; the fixtures are made with 3.3.0"
+        )
     register_all_modules()
     return mmdet
 
@@ -106,32 +118,66 @@ def import_mmdet(mmdet_path: str):
 # ---------------------------------------------------------------------------------------------
 def mmdet_config(head: str, full_size: bool, max_per_img: int) -> dict:
     if full_size:
-        backbone = dict(type="ResNet", depth=50, num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1,
-                        norm_cfg=dict(type="BN", requires_grad=True), norm_eval=True, style="pytorch")
-        in_channels, fpn, classes, convs = [256, 512, 1024, 2048], 256, 80, (4 if head == "DecoupledSOLOLight" else 7)
+        backbone = dict(type="ResNet",
+                        depth=50,
+                        num_stages=4,
+                        out_indices=(0, 1, 2, 3),
+                        frozen_stages=1,
+                        norm_cfg=dict(type="BN", requires_grad=True),
+                        norm_eval=True,
+                        style="pytorch")
+        in_channels, fpn, classes = [256, 512, 1024, 2048], 256, 80
+        convs = 4 if head == "DecoupledSOLOLight" else 7
         grids = [40, 36, 24, 16, 12]
     else:
-        backbone = dict(type="ResNet", depth=18, base_channels=8, num_stages=4, out_indices=(0, 1, 2, 3),
-                        frozen_stages=-1, norm_cfg=dict(type="BN", requires_grad=True), norm_eval=True, style="pytorch")
+        backbone = dict(type="ResNet",
+                        depth=18,
+                        base_channels=8,
+                        num_stages=4,
+                        out_indices=(0, 1, 2, 3),
+                        frozen_stages=-1,
+                        norm_cfg=dict(type="BN", requires_grad=True),
+                        norm_eval=True,
+                        style="pytorch")
         in_channels, fpn, classes, convs = [8, 16, 32, 64], 32, 3, 2
         grids = [12, 10, 8, 6, 4]
     if head == "DecoupledSOLOLight":
         ranges = ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048))
     else:
         ranges = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
-    test_cfg = dict(nms_pre=500, score_thr=0.1, mask_thr=0.5, filter_thr=0.05, kernel="gaussian",
-                    sigma=2.0, max_per_img=max_per_img)
+    test_cfg = dict(nms_pre=500,
+                    score_thr=0.1,
+                    mask_thr=0.5,
+                    filter_thr=0.05,
+                    kernel="gaussian",
+                    sigma=2.0,
+                    max_per_img=max_per_img)
     return dict(
         type="SOLO",
-        data_preprocessor=dict(type="DetDataPreprocessor", mean=MEAN, std=STD, bgr_to_rgb=True, pad_size_divisor=32),
+        data_preprocessor=dict(type="DetDataPreprocessor",
+                               mean=MEAN,
+                               std=STD,
+                               bgr_to_rgb=True,
+                               pad_size_divisor=32),
         backbone=backbone,
         neck=dict(type="FPN", in_channels=in_channels, out_channels=fpn, start_level=0, num_outs=5),
         mask_head=dict(
-            type=MMDET_HEAD_TYPE[head], num_classes=classes, in_channels=fpn, stacked_convs=convs,
-            feat_channels=fpn, strides=[8, 8, 16, 32, 32], scale_ranges=ranges, pos_scale=0.2,
-            num_grids=grids, cls_down_index=0,
+            type=MMDET_HEAD_TYPE[head],
+            num_classes=classes,
+            in_channels=fpn,
+            stacked_convs=convs,
+            feat_channels=fpn,
+            strides=[8, 8, 16, 32, 32],
+            scale_ranges=ranges,
+            pos_scale=0.2,
+            num_grids=grids,
+            cls_down_index=0,
             loss_mask=dict(type="DiceLoss", use_sigmoid=True, activate=False, loss_weight=3.0),
-            loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+            loss_cls=dict(type="FocalLoss",
+                          use_sigmoid=True,
+                          gamma=2.0,
+                          alpha=0.25,
+                          loss_weight=1.0),
             norm_cfg=dict(type="GN", num_groups=32, requires_grad=True),
         ),
         test_cfg=test_cfg,
@@ -146,7 +192,8 @@ def output_convs(model, head: str):
 
 
 @torch.no_grad()
-def randomize(model, head: str, seed: int, cate_bias: float, cate_std: float, batch_inputs, data_samples):
+def randomize(model, head: str, seed: int, cate_bias: float, cate_std: float, batch_inputs,
+              data_samples):
     """Seeded random weights with activations of order 1 (He-scaled convs, GN near identity, BN
     statistics measured on the inputs),
     then the output convs rescaled so that category logits are ``cate_bias + N(0, cate_std)``
@@ -169,7 +216,9 @@ def randomize(model, head: str, seed: int, cate_bias: float, cate_std: float, ba
             t.copy_(0.1 * torch.randn(t.shape, generator=g))
     # Batch-norm statistics of the backbone from the inputs themselves (one cumulative pass), so
     # that activations stay of order 1 through the residual stages instead of growing with depth.
-    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = [
+        m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
@@ -182,14 +231,16 @@ def randomize(model, head: str, seed: int, cate_bias: float, cate_std: float, ba
     convs = {"cate": [model.mask_head.conv_cls], "mask": output_convs(model, head)}
     seen = {k: [] for k in convs}
     hooks = [
-        m.register_forward_hook(lambda m, i, o, key=key: seen[key].append(F.conv2d(i[0], m.weight, None, padding=m.padding)))
-        for key, ms in convs.items() for m in ms
+        m.register_forward_hook(lambda m, i, o, key=key: seen[key].append(
+            F.conv2d(i[0], m.weight, None, padding=m.padding))) for key, ms in convs.items()
+        for m in ms
     ]
     model.eval()
     model.mask_head(model.extract_feat(batch_inputs))  # the head only: no postprocessing yet
     for h in hooks:
         h.remove()
-    for key, target_std, bias in (("cate", cate_std, cate_bias), ("mask", 2.0, 0.0 if head == "SOLO" else 1.2)):
+    for key, target_std, bias in (("cate", cate_std, cate_bias), ("mask", 2.0,
+                                                                  0.0 if head == "SOLO" else 1.2)):
         std = torch.cat([x.flatten() for x in seen[key]]).std().item()
         for m in convs[key]:
             m.weight.mul_(target_std / std)
@@ -218,7 +269,8 @@ def mmdet_batch(model, images):
         s = DetDataSample()
         s.set_metainfo(dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0)))
         samples.append(s)
-    data = model.data_preprocessor(dict(inputs=[img.flip(0) for img in images], data_samples=samples), False)
+    data = model.data_preprocessor(
+        dict(inputs=[img.flip(0) for img in images], data_samples=samples), False)
     return data["inputs"], data["data_samples"]
 
 
@@ -228,7 +280,8 @@ def run_mmdet(model, head: str, images, cells_per_level: int, seed: int, with_fe
     batch_inputs, samples = mmdet_batch(model, images)
     captured = {"cate": [], "backbone": None, "neck": None, "head": None}
     hooks = [
-        model.mask_head.conv_cls.register_forward_hook(lambda m, i, o: captured["cate"].append(o.sigmoid())),
+        model.mask_head.conv_cls.register_forward_hook(
+            lambda m, i, o: captured["cate"].append(o.sigmoid())),
         model.backbone.register_forward_hook(lambda m, i, o: captured.__setitem__("backbone", o)),
         model.neck.register_forward_hook(lambda m, i, o: captured.__setitem__("neck", o)),
         model.mask_head.register_forward_hook(lambda m, i, o: captured.__setitem__("head", o)),
@@ -251,10 +304,14 @@ def run_mmdet(model, head: str, images, cells_per_level: int, seed: int, with_fe
         inst = r.pred_instances
         masks = inst.masks.bool().cpu().numpy()
         preds.append({
-            "scores": inst.scores.float().clone(),
-            "labels": inst.labels.long().clone(),
-            "masks_packed": torch.from_numpy(np.packbits(masks.reshape(masks.shape[0], -1), axis=1).copy()),
-            "mask_shape": list(masks.shape),
+            "scores":
+            inst.scores.float().clone(),
+            "labels":
+            inst.labels.long().clone(),
+            "masks_packed":
+            torch.from_numpy(np.packbits(masks.reshape(masks.shape[0], -1), axis=1).copy()),
+            "mask_shape":
+            list(masks.shape),
         })
     out = {
         "padded_size": list(batch_inputs.shape[-2:]),
@@ -296,7 +353,10 @@ def make_fixture(head: str, out_dir: str, seed: int) -> str:
     fixture = {
         "head": head,
         "mmdet_version": "3.3.0",
-        "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+        "state_dict": {
+            k: v.clone()
+            for k, v in model.state_dict().items()
+        },
         "images": images,
         "config": {
             "num_classes": mh.num_classes,
@@ -312,7 +372,10 @@ def make_fixture(head: str, out_dir: str, seed: int) -> str:
             "pixel_std": STD,
             "input_format": "RGB",
             "size_divisor": 32,
-            "test_cfg": {k: v for k, v in model.mask_head.test_cfg.items()},
+            "test_cfg": {
+                k: v
+                for k, v in model.mask_head.test_cfg.items()
+            },
         },
         **res,
     }
@@ -357,9 +420,12 @@ def full_size(head: str, seed: int, opts=()):
     tc = model.mask_head.test_cfg
     problems = []
     for key, want in (("INPUT.FORMAT", "RGB"), ("MODEL.PIXEL_MEAN", MEAN), ("MODEL.PIXEL_STD", STD),
-                      ("MODEL.RESNETS.STRIDE_IN_1X1", False), ("MODEL.SOLO.SCORE_THRESH_TEST", tc.score_thr),
-                      ("MODEL.SOLO.MASK_THRESH_TEST", tc.mask_thr), ("MODEL.SOLO.NMS_PRE", tc.nms_pre),
-                      ("MODEL.SOLO.UPDATE_THRESH_TEST", tc.filter_thr), ("MODEL.SOLO.MAX_PER_IMAGE", tc.max_per_img),
+                      ("MODEL.RESNETS.STRIDE_IN_1X1",
+                       False), ("MODEL.SOLO.SCORE_THRESH_TEST",
+                                tc.score_thr), ("MODEL.SOLO.MASK_THRESH_TEST",
+                                                tc.mask_thr), ("MODEL.SOLO.NMS_PRE", tc.nms_pre),
+                      ("MODEL.SOLO.UPDATE_THRESH_TEST", tc.filter_thr), ("MODEL.SOLO.MAX_PER_IMAGE",
+                                                                         tc.max_per_img),
                       ("MODEL.SOLO.NMS_SIGMA", tc.sigma), ("MODEL.SOLO.NMS_KERNEL", tc.kernel)):
         got = cfg
         for part in key.split("."):
@@ -367,7 +433,8 @@ def full_size(head: str, seed: int, opts=()):
         if (list(got) if isinstance(got, (list, tuple)) else got) != want:
             problems.append(f"{key} = {got} (mmdetection: {want})")
     if problems:
-        print(f"WARNING: {config_path} differs from mmdetection's published settings: " + "; ".join(problems))
+        print(f"WARNING: {config_path} differs from mmdetection's published settings: " +
+              "; ".join(problems))
     ours = build_model(cfg).eval()
     check_against_model(conv.state_dict, ours)
     ours.load_state_dict(conv.state_dict, strict=False)
@@ -382,25 +449,32 @@ def full_size(head: str, seed: int, opts=()):
     def diff(pairs):
         """(max abs difference, max abs reference value) over (reference, ours) pairs."""
         pairs = list(pairs)
-        return (max((a - b).abs().max().item() for a, b in pairs), max(a.abs().max().item() for a, _ in pairs))
+        return (max((a - b).abs().max().item()
+                    for a, b in pairs), max(a.abs().max().item() for a, _ in pairs))
 
     rows = [
-        ("backbone res2-res5", *diff(zip(full["backbone"], [bottom[f"res{i}"] for i in range(2, 6)]))),
+        ("backbone res2-res5", *diff(zip(full["backbone"], [bottom[f"res{i}"]
+                                                            for i in range(2, 6)]))),
         ("FPN p2-p6", *diff(zip(full["neck"], [feats[f"p{i}"] for i in range(2, 7)]))),
-        ("category scores (sigmoid)", *diff(zip(ref["cate_probs"], [c.sigmoid() for c in cate_logits]))),
+        ("category scores (sigmoid)",
+         *diff(zip(ref["cate_probs"], [c.sigmoid() for c in cate_logits]))),
     ]
     mask_size = ours.head.mask_size(mask_feats[0])
     pairs = []
     for level, (cells, theirs) in enumerate(zip(ref["cells"], ref["soft_masks"])):
-        m = ours.head.mask_probs(mask_feats[level], level, torch.zeros_like(cells), cells, out_size=mask_size)
+        m = ours.head.mask_probs(mask_feats[level],
+                                 level,
+                                 torch.zeros_like(cells),
+                                 cells,
+                                 out_size=mask_size)
         pairs.append((theirs[0], m))
     rows.append((f"soft masks ({len(ref['cells'][0])} cells per level)", *diff(pairs)))
 
     p = ref["predictions"][0]
     n = p["mask_shape"][0]
     theirs_masks = torch.from_numpy(
-        np.unpackbits(p["masks_packed"].numpy(), axis=1, count=int(np.prod(p["mask_shape"][1:])))
-    ).view(p["mask_shape"]).bool()
+        np.unpackbits(p["masks_packed"].numpy(), axis=1,
+                      count=int(np.prod(p["mask_shape"][1:])))).view(p["mask_shape"]).bool()
     in_order = len(out) == n and bool((out.pred_classes == p["labels"]).all())
     if in_order:
         score_d = (out.scores - p["scores"]).abs().max().item()
@@ -418,9 +492,13 @@ def full_size(head: str, seed: int, opts=()):
             if j is not None:
                 used.add(j)
                 matched.append((i, j))
-        score_d = max((abs(p["scores"][i] - out.scores[j]).item() for i, j in matched), default=float("nan"))
+        score_d = max((abs(p["scores"][i] - out.scores[j]).item() for i, j in matched),
+                      default=float("nan"))
         iou = torch.tensor([ious[i, j].item() for i, j in matched] or [float("nan")])
-        unmatched_ref = [round(p["scores"][i].item(), 4) for i in range(n) if i not in {a for a, _ in matched}]
+        unmatched_ref = [
+            round(p["scores"][i].item(), 4) for i in range(n) if i not in {a
+                                                                           for a, _ in matched}
+        ]
         unmatched_ours = [round(out.scores[j].item(), 4) for j in range(len(out)) if j not in used]
         final = (
             f"{n} (mmdet) and {len(out)} (solo_d2) detections, not in the same order; {len(matched)} matched "
@@ -435,13 +513,15 @@ def full_size(head: str, seed: int, opts=()):
         hmax = F.max_pool2d(c, 2, stride=1, padding=1)[..., :-1, :-1]
         candidates += int(((c * (hmax == c)) > tc.score_thr).sum())
     print(f"\n{head} R-50, one {tuple(img.shape[-2:])} image, random weights (seed {seed}), "
-          f"{torch.get_num_threads()} torch thread(s), config {config_path}"
-          + (f" with {' '.join(opts)}" if opts else ""))
+          f"{torch.get_num_threads()} torch thread(s), config {config_path}" +
+          (f" with {' '.join(opts)}" if opts else ""))
     print("| stage | max abs difference | max abs value (mmdet) |\n|---|---|---|")
     for name, v, scale in rows:
         print(f"| {name} | {v:.2e} | {scale:.3g} |")
     print(f"| final predictions | {final} | |")
-    print(f"candidates above score_thr {tc.score_thr} after point NMS: {candidates} (nms_pre {tc.nms_pre})")
+    print(
+        f"candidates above score_thr {tc.score_thr} after point NMS: {candidates} (nms_pre {tc.nms_pre})"
+    )
 
 
 def mask_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -454,12 +534,19 @@ def mask_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mmdet-path", required=True, help="folder with mmdet 3.3.0, mmengine, mmcv-lite")
+    parser.add_argument("--mmdet-path",
+                        required=True,
+                        help="folder with mmdet 3.3.0, mmengine, mmcv-lite")
     parser.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "parity"))
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full-size", action="store_true", help="R-50 800x1333 comparison (prints a table)")
-    parser.add_argument("--opts", nargs="*", default=[], help="--full-size: KEY VALUE pairs for the solo_d2 config")
+    parser.add_argument("--full-size",
+                        action="store_true",
+                        help="R-50 800x1333 comparison (prints a table)")
+    parser.add_argument("--opts",
+                        nargs="*",
+                        default=[],
+                        help="--full-size: KEY VALUE pairs for the solo_d2 config")
     args = parser.parse_args()
     import_mmdet(args.mmdet_path)
     for head in args.heads:
