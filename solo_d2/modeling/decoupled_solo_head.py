@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import coord_features
-from .solo_head import SOLO_HEAD_REGISTRY, BaseSOLOHead, resize_probs, tower, upsample2x
+from .solo_head import SOLO_HEAD_REGISTRY, BaseSOLOHead, tower, upsample2x
 
 __all__ = ["BaseDecoupledSOLOHead", "DecoupledSOLOHead"]
 
