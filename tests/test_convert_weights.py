@@ -429,3 +429,43 @@ def test_real_mmdet_state_dict_with_printed_config_and_opts(head_type, tmp_path,
     model = build_model(cfg)
     model.load_state_dict(torch.load(tmp_path / "dst.pth", weights_only=True)["model"], strict=True)
     assert type(model.head).__name__ == f"{head_type}Head"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_resnet_features_match(arch, tmp_path, capsys):
+    """torchvision's own ResNet (random weights, random BN statistics): the converted backbone of
+    the published config (STRIDE_IN_1X1 False, FrozenBN) computes the same res2-res5 features."""
+    import torchvision
+    from detectron2.config import get_cfg
+
+    from solo_d2.config import add_solo_config
+
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, arch)(weights=None).eval()
+    for m in tv.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.normal_(1, 0.1)
+            m.bias.data.normal_(0, 0.1)
+    src = tmp_path / f"{arch}.pth"
+    torch.save(tv.state_dict(), src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    cfg = get_cfg()
+    add_solo_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, lines[-1]))
+    opts = [l.split("--opts ")[1].split() for l in lines if "--opts" in l]
+    # the standard memory layout, for the same convolution kernels as torchvision's
+    cfg.merge_from_list((opts[0] if opts else []) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+                                                     "MODEL.SOLO.CHANNELS_LAST", "False"])
+    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    model = build_model(cfg).eval()
+    SafeDetectionCheckpointer(model).load(str(tmp_path / "dst.pth"))
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        ours = model.backbone.bottom_up(x)
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        for i in range(1, 5):
+            y = getattr(tv, f"layer{i}")(y)
+            torch.testing.assert_close(ours[f"res{i + 1}"], y, atol=1e-5, rtol=1e-5)
