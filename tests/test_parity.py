@@ -6,13 +6,15 @@ Each fixture is a narrow mmdetection model (ResNet-18 with base width 8, 32-chan
 head, 3 classes) with random weights, run on two RGB images of different sizes that pad to the
 same size in one batch. solo_d2 runs the same batch; it must give the same category scores and
 soft masks (within 1e-4), and the same final predictions (count, classes, scores within 1e-4,
-mask IoU >= 0.99).
+mask IoU >= 0.99). The fixtures keep 100 candidates before Matrix NMS (mmdetection's
+``nms_pre``; published: 500) out of ~320, so that the place of that top-k matters.
 """
 import os
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -108,6 +110,19 @@ def test_fixture_is_a_two_size_batch(run):
     sizes = [tuple(img.shape[-2:]) for img in fx["images"]]
     assert len(set(sizes)) == 2
     assert list(out["images"].tensor.shape[-2:]) == list(fx["padded_size"])
+
+
+def test_fixture_exercises_the_pre_nms_top_k(run):
+    """More candidates pass the score threshold than nms_pre keeps: the final predictions depend
+    on where the top-k is taken (after maskness, as the reference; before the masks they differ)."""
+    fx, _, _ = run
+    t = fx["config"]["test_cfg"]
+    for b in range(len(fx["images"])):
+        n = 0
+        for c in fx["cate_probs"]:
+            hmax = F.max_pool2d(c[b:b + 1], 2, stride=1, padding=1)[..., :-1, :-1]
+            n += int(((c[b:b + 1] * (hmax == c[b:b + 1])) > t["score_thr"]).sum())
+        assert n > t["nms_pre"], f"image {b}: {n} candidates"
 
 
 def test_backbone_and_fpn_match(run):
