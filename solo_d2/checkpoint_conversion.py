@@ -17,10 +17,18 @@ Head types (from the mask output layers): ``"SOLO"`` (one S^2-channel conv per l
 ``"DecoupledSOLO"`` (separate X and Y towers, one coordinate channel each) and
 ``"DecoupledSOLOLight"`` (one tower, X and Y output convs). Deformable tower convs (mmcv /
 mmdet 1.x ``DeformConvPack``: ``conv.weight`` + ``conv.conv_offset.*``) map to
-:class:`solo_d2.modeling.layers.DeformConv3x3`; modulated DCN (v2) has a 27-channel offset conv
-and is refused by the shape check.
+:class:`solo_d2.modeling.layers.DeformConv3x3`; deformable backbone convs (the light DCN
+model's ``layer{2..4}.{b}.conv2.conv_offset.*``) select ``build_solo_resnet_fpn_backbone`` with
+``MODEL.RESNETS.DEFORM_ON_PER_STAGE``; modulated DCN (v2) has a 27-channel offset conv and is
+refused by the shape check. (The key names are checked; the numerical equality of mmcv's and
+torchvision's deformable conv cannot be checked here: mmcv-lite has no compiled ops.)
 
-solo_d2 names (Detectron2's ResNet/FPN, the heads of :mod:`solo_d2.modeling.heads`):
+Checkpoint files: mmdetection 2.x and the official repository save plain ``meta`` dicts that
+``torch.load(weights_only=True)`` reads; mmdetection 3.x (mmengine) checkpoints also hold Python
+objects (``message_hub``...), which are only unpickled when the caller allows it.
+
+solo_d2 names (Detectron2's ResNet/FPN, the heads of :mod:`solo_d2.modeling.heads`,
+``docs/head_parameter_names.md``):
 ``backbone.bottom_up.stem.conv1[.norm]``, ``backbone.bottom_up.res{2..5}.{b}.conv{k}[.norm]``,
 ``.shortcut[.norm]`` (FrozenBN buffers ``weight, bias, running_mean, running_var``),
 ``backbone.fpn_lateral{2..5}``, ``backbone.fpn_output{2..5}``, ``head.cate_tower.{i}``
