@@ -23,9 +23,9 @@ model's ``layer{2..4}.{b}.conv2.conv_offset.*``) select ``build_solo_resnet_fpn_
 refused by the shape check. (The key names are checked; the numerical equality of mmcv's and
 torchvision's deformable conv cannot be checked here: mmcv-lite has no compiled ops.)
 
-Checkpoint files: mmdetection 2.x and the official repository save plain ``meta`` dicts that
-``torch.load(weights_only=True)`` reads; mmdetection 3.x (mmengine) checkpoints also hold Python
-objects (``message_hub``...), which are only unpickled when the caller allows it.
+Checkpoint files are read with ``torch.load(weights_only=True)``; one that holds other Python
+objects (mmengine's checkpoints keep a ``message_hub`` of ``HistoryBuffer`` objects in ``meta``)
+is only unpickled when the caller allows it (``--unsafe-load``).
 
 solo_d2 names (Detectron2's ResNet/FPN, the heads of :mod:`solo_d2.modeling.heads`,
 ``docs/head_parameter_names.md``):
