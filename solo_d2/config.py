@@ -64,7 +64,10 @@ def add_solo_config(cfg):
     # clipped to one cell around the centre cell (1 to 9 positive cells per level).
     _C.MODEL.SOLO.SIGMA = 0.2
 
-    # Head. HEAD_TYPE "SOLOHead" (S^2 mask channels) or "DecoupledSOLOHead" (S + S channels).
+    # Head (solo_d2.modeling.heads): "SOLOHead" (vanilla, S^2 mask channels per level),
+    # "DecoupledSOLOHead" (published Decoupled SOLO: separate X / Y towers, S + S channels),
+    # "DecoupledSOLOLightHead" (published light: one shared tower) or "DecoupledSOLOCompactHead"
+    # (solo_d2's own variant: one shared tower, 1x1 X / Y convs).
     _C.MODEL.SOLO.HEAD_TYPE = "SOLOHead"
     # Channels of every conv in both towers.
     _C.MODEL.SOLO.CONV_CHANNELS = 256
@@ -110,8 +113,13 @@ def add_solo_config(cfg):
     _C.MODEL.SOLO.UPDATE_THRESH_TEST = 0.05
     # Maximum number of detections per image.
     _C.MODEL.SOLO.MAX_PER_IMAGE = 100
-    # Keep at most this many candidates (by category score) before forming their masks.
+    # Keep at most this many candidates before Matrix NMS: the highest after the area filter and
+    # maskness rescoring (the reference's nms_pre).
     _C.MODEL.SOLO.NMS_PRE = 500
+    # Apply the NMS_PRE top-k to the category scores before forming any mask instead (solo_d2's
+    # cheaper order: at most NMS_PRE masks are formed; results differ from the reference's only
+    # when more than NMS_PRE cells pass SCORE_THRESH_TEST, BENCHMARKS.md).
+    _C.MODEL.SOLO.NMS_PRE_BEFORE_MASKS = False
     # Matrix NMS kernel: "gaussian" or "linear".
     _C.MODEL.SOLO.NMS_KERNEL = "gaussian"
     # Sigma of the gaussian Matrix NMS kernel.

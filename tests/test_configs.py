@@ -19,7 +19,7 @@ def test_all_configs_are_listed():
     names = {Path(c).name for c in CONFIGS}
     for expected in [
         "Base-SOLO.yaml", "SOLO_R50_1x.yaml", "SOLO_R50_3x.yaml", "SOLO_R101_3x.yaml",
-        "DecoupledSOLO_R50_1x.yaml", "DecoupledSOLO_R50_3x.yaml",
+        "DecoupledSOLO_R50_1x.yaml", "DecoupledSOLO_R50_3x.yaml", "DecoupledSOLO_R101_3x.yaml",
         "DecoupledSOLO_Light_R50_3x.yaml", "DecoupledSOLO_Light_DCN_R50_3x.yaml",
     ]:
         assert expected in names
@@ -75,3 +75,78 @@ def test_flop_count_traces_the_model():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "GFLOPs at 128x128" in proc.stdout
+
+
+def test_published_configs_use_torchvision_style_inputs():
+    # The published models: torchvision ResNets (stride in the 3x3 conv), RGB input normalised
+    # with torchvision's ImageNet statistics, a converted torchvision checkpoint (never a URL).
+    published = [c for c in CONFIGS if "COCO-InstanceSegmentation" in c]
+    assert len(published) == 9  # the base and one per published model (8)
+    for path in published:
+        cfg = _load(path)
+        assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False and cfg.INPUT.FORMAT == "RGB", path
+        assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.28, 103.53], path
+        assert cfg.MODEL.PIXEL_STD == [58.395, 57.12, 57.375], path
+        assert cfg.MODEL.WEIGHTS.startswith("output/torchvision_R-") and "://" not in cfg.MODEL.WEIGHTS, path
+        assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RESNETS.NORM == "FrozenBN", path
+    heads = {Path(p).stem: _load(p).MODEL.SOLO.HEAD_TYPE for p in published}
+    assert heads["DecoupledSOLO_R50_1x"] == heads["DecoupledSOLO_R101_3x"] == "DecoupledSOLOHead"
+    assert heads["DecoupledSOLO_Light_DCN_R50_3x"] == "DecoupledSOLOLightHead"
+    assert _load("configs/COCO-InstanceSegmentation/SOLO_R101_3x.yaml").MODEL.RESNETS.DEPTH == 101
+
+
+def test_fpn_matches_the_reference_fpn():
+    # mmdetection's FPN (start_level 0, num_outs 5, add_extra_convs False): 1x1 laterals, top-down
+    # sum with *nearest* upsampling to the lower level's size, 3x3 output convs, and
+    # P6 = max_pool2d(P5, kernel 1, stride 2). Detectron2's FPN upsamples by scale_factor 2 and
+    # its LastLevelMaxPool is the same max-pool: on inputs padded to a multiple of 32 the two
+    # are the same function.
+    import torch
+    import torch.nn.functional as F
+    from detectron2.modeling import build_backbone
+
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg()
+    cfg.MODEL.FPN.NORM = ""
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg).eval()
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        ours = backbone(x)
+        c = backbone.bottom_up(x)
+        lat = [getattr(backbone, f"fpn_lateral{i}")(c[f"res{i}"]) for i in (2, 3, 4, 5)]
+        for i in (3, 2, 1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
+        ref = [getattr(backbone, f"fpn_output{i}")(lat[i - 2]) for i in (2, 3, 4, 5)]
+        ref.append(F.max_pool2d(ref[-1], 1, stride=2))
+    for k, r in zip(("p2", "p3", "p4", "p5", "p6"), ref):
+        assert ours[k].shape == r.shape
+        assert torch.allclose(ours[k], r, atol=1e-6), k
+
+
+def test_deformable_backbone_places_dcn_as_the_reference_and_starts_as_the_plain_one():
+    import torch
+    from detectron2.modeling import build_backbone
+
+    from solo_d2.modeling.layers import DeformConv3x3
+
+    cfg = _load("configs/COCO-InstanceSegmentation/DecoupledSOLO_Light_DCN_R50_3x.yaml")
+    torch.manual_seed(0)
+    dcn = build_backbone(cfg).eval()
+    bottom_up = dcn.bottom_up
+    assert not any(isinstance(b.conv2, DeformConv3x3) for b in bottom_up.res2)
+    for k in (3, 4, 5):
+        assert all(isinstance(b.conv2, DeformConv3x3) for b in getattr(bottom_up, f"res{k}"))
+    assert bottom_up.res3[0].conv2.stride == 2 and bottom_up.res3[1].conv2.stride == 1
+    sd = dcn.state_dict()
+    assert "bottom_up.res3.0.conv2.conv_offset.weight" in sd and "bottom_up.res3.0.conv2.norm.weight" in sd
+    # Offsets start at zero: the same weights in a plain backbone give the same features.
+    plain_cfg = cfg.clone()
+    plain_cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False] * 4
+    plain = build_backbone(plain_cfg).eval()
+    plain.load_state_dict({k: v for k, v in sd.items() if "conv_offset" not in k}, strict=True)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = dcn(x), plain(x)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)

@@ -174,7 +174,7 @@ def test_decoupled_shapes_config_differs_only_in_the_head_and_its_prior():
     for path in SHAPES_CONFIGS:
         cfgs.append(solo_test_cfg(str(REPO / path)))
     solo, decoupled = cfgs
-    assert decoupled.MODEL.SOLO.HEAD_TYPE == "DecoupledSOLOHead" and solo.MODEL.SOLO.HEAD_TYPE == "SOLOHead"
+    assert decoupled.MODEL.SOLO.HEAD_TYPE == "DecoupledSOLOCompactHead" and solo.MODEL.SOLO.HEAD_TYPE == "SOLOHead"
     assert decoupled.MODEL.SOLO.MASK_PRIOR_PROB == 0.1 and solo.MODEL.SOLO.MASK_PRIOR_PROB == 0.0
     decoupled.MODEL.SOLO.HEAD_TYPE = "SOLOHead"
     decoupled.MODEL.SOLO.MASK_PRIOR_PROB = 0.0

@@ -110,3 +110,70 @@ def test_small_masks_dropped_and_max_per_image():
     cate = [torch.rand(3, 4, 4, generator=g) * 4, torch.full((3, 2, 2), -10.0)]
     out = pp(cate, lambda lv, c: many[c], (16, 16), (64, 64), (64, 64), (64, 64))
     assert len(out) == 5 and (out.scores[:-1] >= out.scores[1:]).all()
+
+
+def _four_candidates():
+    """Four level-0 candidates (distinct cells, non-overlapping masks), hand-computed:
+
+    cell (class, logit, mask area x value) -> category score, rescored score
+    0  (0, 3.0, 64 x 0.60) -> 0.9526, 0.5716
+    2  (1, 2.0, 64 x 0.95) -> 0.8808, 0.8368
+    8  (2, 1.0, 64 x 1.00) -> 0.7311, 0.7311
+    10 (1, 4.0,  4 x 1.00) -> 0.9820, dropped by the area filter (4 <= stride 8)
+    """
+    cate = [torch.full((3, 4, 4), -10.0), torch.full((3, 2, 2), -10.0)]
+    masks = {}
+    for cell, cls, logit, (r, c), size, value in [
+        (0, 0, 3.0, (0, 0), 8, 0.60), (2, 1, 2.0, (0, 8), 8, 0.95),
+        (8, 2, 1.0, (8, 0), 8, 1.00), (10, 1, 4.0, (8, 8), 2, 1.00),
+    ]:
+        cate[0][cls, cell // 4, cell % 4] = logit
+        m = torch.zeros(16, 16)
+        m[r : r + size, c : c + size] = value
+        masks[cell] = m
+
+    def mask_fn(level, cells):
+        return torch.stack([masks[int(c)] for c in cells])
+
+    return cate, mask_fn
+
+
+def test_nms_pre_is_applied_after_area_filter_and_maskness_as_the_reference():
+    cate, mask_fn = _four_candidates()
+    out = _postprocessor(nms_pre=2)(cate, mask_fn, (16, 16), (64, 64), (64, 64), (64, 64))
+    # The two best *rescored* candidates that pass the area filter: cells 2 and 8.
+    assert out.pred_classes.tolist() == [1, 2]
+    sig = torch.sigmoid(torch.tensor([2.0, 1.0]))
+    assert torch.allclose(out.scores, sig * torch.tensor([0.95, 1.0]), rtol=1e-5)
+    # Without a cap all three survivors come out, best rescored first.
+    out = _postprocessor(nms_pre=500)(cate, mask_fn, (16, 16), (64, 64), (64, 64), (64, 64))
+    assert out.pred_classes.tolist() == [1, 2, 0]
+
+
+def test_nms_pre_before_masks_takes_the_top_category_scores_first():
+    # Opt-in (MODEL.SOLO.NMS_PRE_BEFORE_MASKS): the top 2 by category score are cells 10 and 0;
+    # cell 10 then fails the area filter, so one detection is left.
+    cate, mask_fn = _four_candidates()
+    formed = []
+
+    def spy(level, cells):
+        formed.extend(cells.tolist())
+        return mask_fn(level, cells)
+
+    out = _postprocessor(nms_pre=2, nms_pre_before_masks=True)(cate, spy, (16, 16), (64, 64), (64, 64), (64, 64))
+    assert sorted(formed) == [0, 10]  # only nms_pre masks are formed
+    assert out.pred_classes.tolist() == [0]
+    assert out.scores.item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item() * 0.6, rel=1e-5)
+
+
+def test_masks_of_another_size_are_resized_to_the_finest():
+    # A mask_fn returning a coarser level's size (8x8) is resized bilinearly to mask_size.
+    cate = [torch.full((3, 4, 4), -10.0), torch.full((3, 2, 2), -10.0)]
+    cate[1][0, 0, 0] = 3.0
+    coarse = torch.zeros(8, 8)
+    coarse[0:4, 0:4] = 1.0
+    out = _postprocessor()(cate, lambda lv, c: coarse.expand(len(c), 8, 8).clone(), (16, 16), (64, 64), (64, 64), (64, 64))
+    assert len(out) == 1
+    expected = torch.nn.functional.interpolate(coarse[None, None], size=(16, 16), mode="bilinear")[0, 0]
+    expected = torch.nn.functional.interpolate(expected[None, None], size=(64, 64), mode="bilinear")[0, 0] > 0.5
+    assert torch.equal(out.pred_masks[0], expected)

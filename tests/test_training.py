@@ -105,7 +105,7 @@ def test_amp_on_cpu_runs_the_forward_in_bfloat16_and_keeps_float32_weights(few_i
     trainer = Trainer(cfg)
     assert isinstance(trainer._trainer, CheckedCPUAutocastTrainer)
     dtypes = []
-    trainer.model.head.mask_tower[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    trainer.model.head.mask_towers()[0][0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     assert dtypes == [torch.bfloat16] * (3 * 5)  # 3 steps x 5 levels

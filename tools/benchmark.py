@@ -78,8 +78,10 @@ def build(name, device="cpu"):
     if name == "SOLO_S2":
         head = model.head
 
-        def mask_probs_via_all_s2(mask_feat, level, img_idx, cell_idx):
-            return head.full_mask_probs(mask_feat, level)[img_idx, cell_idx]
+        def mask_probs_via_all_s2(mask_feat, level, img_idx, cell_idx, out_size=None):
+            from solo_d2.modeling.solo_head import resize_probs
+
+            return resize_probs(head.full_mask_probs(mask_feat, level)[img_idx, cell_idx], out_size)
 
         head.mask_probs = mask_probs_via_all_s2
     return model

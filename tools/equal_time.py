@@ -132,7 +132,7 @@ def main(argv=None):
     solo = solo_cfg(args.config_file, args.opts)
     cfgs = {
         "SOLO": solo,
-        "DecoupledSOLO": solo_cfg(args.config_file, args.opts + ["MODEL.SOLO.HEAD_TYPE", "DecoupledSOLOHead"]),
+        "DecoupledSOLO": solo_cfg(args.config_file, args.opts + ["MODEL.SOLO.HEAD_TYPE", "DecoupledSOLOCompactHead"]),
         "MaskRCNN": mask_rcnn_cfg(solo, args.opts),
     }
     results = {}

@@ -1,8 +1,17 @@
 """SOLO modeling: importing this registers the ``SOLO`` meta-architecture, the SOLO heads and the
 narrow ResNet-FPN backbone."""
 from .backbone import build_narrow_resnet_backbone, build_narrow_resnet_fpn_backbone
-from .heads import SOLO_HEAD_REGISTRY, DecoupledSOLOHead, SOLOHead, build_solo_head
 from .input_checks import check_batched_inputs
+from .deformable_resnet import build_solo_resnet_fpn_backbone
+from .heads import (
+    SOLO_HEAD_REGISTRY,
+    BaseSOLOHead,
+    DecoupledSOLOCompactHead,
+    DecoupledSOLOHead,
+    DecoupledSOLOLightHead,
+    SOLOHead,
+    build_solo_head,
+)
 from .meta_arch import SOLO
 from .postprocessing import SOLOPostProcessor, matrix_nms, point_nms
 from .targets import LevelTargets, SOLOTargetGenerator
@@ -11,7 +20,10 @@ __all__ = [
     "SOLO",
     "check_batched_inputs",
     "SOLOHead",
+    "BaseSOLOHead",
     "DecoupledSOLOHead",
+    "DecoupledSOLOLightHead",
+    "DecoupledSOLOCompactHead",
     "SOLO_HEAD_REGISTRY",
     "build_solo_head",
     "SOLOTargetGenerator",
@@ -21,4 +33,5 @@ __all__ = [
     "point_nms",
     "build_narrow_resnet_backbone",
     "build_narrow_resnet_fpn_backbone",
+    "build_solo_resnet_fpn_backbone",
 ]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-__all__ = ["coord_features", "DeformConv3x3", "masks_to_boxes", "as_uint8"]
+__all__ = ["coordinate_maps", "coord_features", "DeformConv3x3", "masks_to_boxes", "as_uint8"]
 
 
 def as_uint8(masks: torch.Tensor) -> torch.Tensor:
@@ -16,45 +16,74 @@ def as_uint8(masks: torch.Tensor) -> torch.Tensor:
     return masks.to(torch.uint8)
 
 
-def coord_features(x: torch.Tensor) -> torch.Tensor:
-    """CoordConv input: append normalised x and y coordinates to a feature map.
+def coordinate_maps(x: torch.Tensor) -> torch.Tensor:
+    """The normalised coordinates of a feature map's pixels, as two channels.
 
     Args:
-        x: (N, C, H, W) float tensor.
+        x: (N, C, H, W) float tensor (only its shape, dtype and device are used).
     Returns:
-        (N, C + 2, H, W): ``x`` followed by the x coordinate (varies along W) and the y coordinate
-        (varies along H), both spanning [-1, 1] from the first to the last pixel.
+        (N, 2, H, W): channel 0 the x coordinate (varies along W), channel 1 the y coordinate
+        (varies along H), both ``linspace(-1, 1)`` from the first to the last pixel, as in the
+        reference heads (the official repository's and mmdetection's ``generate_coordinate``).
     """
     n, _, h, w = x.shape
     xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
     ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    coords = torch.stack([xx, yy]).expand(n, 2, h, w)
+    return torch.stack([xx, yy]).expand(n, 2, h, w)
+
+
+def coord_features(x: torch.Tensor, channels: str = "xy") -> torch.Tensor:
+    """CoordConv input: append coordinate channels (:func:`coordinate_maps`) to a feature map.
+
+    Args:
+        x: (N, C, H, W) float tensor.
+        channels: which coordinates to append, in this order: "xy" (both; vanilla SOLO and
+            Decoupled SOLO light), "x" or "y" (one; the X and Y towers of Decoupled SOLO).
+    Returns:
+        (N, C + len(channels), H, W): ``x`` followed by the requested coordinate channels.
+    """
+    if channels not in ("xy", "x", "y"):
+        raise ValueError(f"coord_features: channels must be 'xy', 'x' or 'y', got {channels!r}")
+    coords = coordinate_maps(x)
+    if channels != "xy":
+        coords = coords[:, :1] if channels == "x" else coords[:, 1:]
     return torch.cat([x, coords], dim=1)
 
 
 class DeformConv3x3(nn.Module):
-    """A 3x3 deformable convolution (DCN v1) built on ``torchvision.ops.deform_conv2d``.
+    """A 3x3 deformable convolution (DCN v1, one deformable group) on
+    ``torchvision.ops.deform_conv2d``, optionally strided and followed by a norm.
 
     Detectron2's compiled ``DeformConv`` is unavailable in the pure-Python detectron2 build, so
-    the towers use torchvision's op, which runs on CPU and GPU. The offsets come from a 3x3 conv
-    initialised to zero, so at initialisation the layer equals a plain 3x3 conv.
+    the SOLO towers and :func:`~solo_d2.modeling.deformable_resnet.build_solo_resnet_fpn_backbone`
+    use torchvision's op, which runs on CPU and GPU. The offsets come from a 3x3 conv
+    (``conv_offset``, 18 channels: (dy, dx) for each of the 9 kernel positions, row-major, the
+    layout of torchvision's op and of mmcv's ``DeformConv2dPack``) initialised to zero, so at
+    initialisation the layer equals a plain 3x3 conv.
 
-    Input (N, in_channels, H, W) float; output (N, out_channels, H, W).
+    Input (N, in_channels, H, W) float; output (N, out_channels, ceil(H / stride),
+    ceil(W / stride)). Parameters: ``weight`` (out, in, 3, 3), ``bias`` (if any),
+    ``conv_offset.weight`` / ``.bias``, ``norm.*`` (if any).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+    def __init__(
+        self, in_channels: int, out_channels: int, bias: bool = True, stride: int = 1, norm=None
+    ):
         super().__init__()
+        self.stride = stride
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.conv_offset = nn.Conv2d(in_channels, 2 * 3 * 3, kernel_size=3, padding=1)
+        self.conv_offset = nn.Conv2d(in_channels, 2 * 3 * 3, kernel_size=3, stride=stride, padding=1)
+        self.norm = norm
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)
-        return deform_conv2d(x, offset, self.weight, self.bias, padding=(1, 1))
+        x = deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=(1, 1))
+        return self.norm(x) if self.norm is not None else x
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

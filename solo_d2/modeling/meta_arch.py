@@ -265,9 +265,10 @@ class SOLO(nn.Module):
         for b, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             output_size = (int(x.get("height", image_size[0])), int(x.get("width", image_size[1])))
 
-            def mask_fn(level, cells, b=b):  # this image's features only
+            def mask_fn(level, cells, b=b):  # this image's features only, at the finest size
                 img = torch.zeros_like(cells)
-                return self.head.mask_probs(mask_feats[level][b : b + 1], level, img, cells)
+                feat = mask_feats[level][b : b + 1]
+                return self.head.mask_probs(feat, level, img, cells, out_size=mask_size)
 
             instances = self.postprocess(
                 [c[b] for c in cate_logits], mask_fn, mask_size, padded, image_size, output_size

@@ -1,9 +1,13 @@
 """SOLO inference: from category grids and mask features to Detectron2 ``Instances``.
 
-Per image: point NMS on the category grids, score threshold, top-``nms_pre`` candidates, their
-masks only (never all S^2), area filter, maskness rescoring, Matrix NMS, top ``max_per_image``,
-then the kept soft masks are upsampled to the padded input, cropped to the image, resized to the
-requested output size and thresholded. Boxes are derived from the final masks.
+Per image, in the reference's order (the official repository's ``get_seg_single``,
+mmdetection 3.3.0's ``SOLOHead._predict_by_feat_single``): point NMS on the category grids,
+score threshold, the candidates' masks only (never all S^2) at the finest mask size, area
+filter, maskness rescoring, the top ``nms_pre`` by rescored score, Matrix NMS, top
+``max_per_image``; then the kept soft masks are upsampled to the padded input, cropped to the
+image, resized to the requested output size and thresholded. Boxes are derived from the final
+masks. ``nms_pre_before_masks`` (opt-in) takes the top ``nms_pre`` by category score before
+forming masks instead, which bounds the masks formed (BENCHMARKS.md).
 """
 from typing import Callable, List, Sequence, Tuple
 
@@ -91,6 +95,9 @@ class SOLOPostProcessor:
         score_thresh, mask_thresh, update_thresh, max_per_image, nms_pre, nms_kernel,
         nms_sigma: see ``MODEL.SOLO.*_TEST``, ``MAX_PER_IMAGE`` and ``NMS_*`` in
         :mod:`solo_d2.config`.
+        nms_pre_before_masks: apply the ``nms_pre`` top-k to the category scores before forming
+            masks (``MODEL.SOLO.NMS_PRE_BEFORE_MASKS``); False (default) applies it where the
+            reference does, after the area filter and maskness rescoring.
     """
 
     @configurable
@@ -107,6 +114,7 @@ class SOLOPostProcessor:
         nms_pre: int = 500,
         nms_kernel: str = "gaussian",
         nms_sigma: float = 2.0,
+        nms_pre_before_masks: bool = False,
     ):
         if nms_kernel not in ("gaussian", "linear"):
             raise ValueError(
@@ -126,6 +134,7 @@ class SOLOPostProcessor:
         self.nms_sigma = nms_sigma
         self.update_thresh = update_thresh
         self.max_per_image = max_per_image
+        self.nms_pre_before_masks = nms_pre_before_masks
 
     @classmethod
     def from_config(cls, cfg, feature_strides: Sequence[int]):
@@ -142,6 +151,7 @@ class SOLOPostProcessor:
             "nms_sigma": sc.NMS_SIGMA,
             "update_thresh": sc.UPDATE_THRESH_TEST,
             "max_per_image": sc.MAX_PER_IMAGE,
+            "nms_pre_before_masks": sc.NMS_PRE_BEFORE_MASKS,
         }
 
     def __call__(
@@ -156,8 +166,9 @@ class SOLOPostProcessor:
         """
         Args:
             cate_logits: per level (C, S_l, S_l) category logits of this image.
-            mask_fn: ``mask_fn(level, cells)`` -> (K, H_l, W_l) soft masks of those cells
-                (cells: (K,) int64, k = i * S + j).
+            mask_fn: ``mask_fn(level, cells)`` -> (K, H_0, W_0) soft masks of those cells
+                (cells: (K,) int64, k = i * S + j), at ``mask_size`` (the head resizes where the
+                reference does; a mask of another size is resized here, bilinearly).
             mask_size: (H_0, W_0), the finest mask resolution (stride 4); candidates of all
                 levels are compared at this size.
             padded_size: (Hp, Wp) of the padded input tensor.
@@ -179,10 +190,11 @@ class SOLOPostProcessor:
         cell_of = torch.cat([torch.arange(p.shape[0], device=device) for p in probs])
         probs = torch.cat(probs)
 
-        # Candidates: (cell, class) pairs above the threshold, at most nms_pre of them.
+        # Candidates: (cell, class) pairs above the threshold (opt-in: at most nms_pre of them,
+        # by category score).
         row, cls = (probs > self.score_thresh).nonzero(as_tuple=True)
         scores = probs[row, cls]
-        if scores.numel() > self.nms_pre:
+        if self.nms_pre_before_masks and scores.numel() > self.nms_pre:
             scores, top = scores.topk(self.nms_pre)
             row, cls = row[top], cls[top]
         levels, cells = level_of[row], cell_of[row]
@@ -207,8 +219,9 @@ class SOLOPostProcessor:
         scores = scores * maskness
 
         # Indices into the candidates are composed; the big mask tensors are gathered once.
+        # The reference's pre-NMS top-k: after the area filter and maskness rescoring.
         idx = (area > min_areas).nonzero().squeeze(1)
-        idx = idx[scores[idx].sort(descending=True, stable=True).indices]
+        idx = idx[scores[idx].sort(descending=True, stable=True).indices][: self.nms_pre]
         scores, cls = scores[idx], cls[idx]
         scores = matrix_nms(binary[idx], cls, scores, self.nms_kernel, self.nms_sigma)
         keep = (scores >= self.update_thresh).nonzero().squeeze(1)

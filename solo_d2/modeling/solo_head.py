@@ -1,0 +1,331 @@
+"""The SOLO head contract, its shared base (category branch, feature resizing, initialisation) and
+the vanilla SOLO head.
+
+Every head type (``MODEL.SOLO.HEAD_TYPE``) shares the category branch, the resizing of the input
+levels, the CoordConv mask input and the initialisation, and differs only in its mask branch:
+
+- :class:`SOLOHead` (vanilla SOLO): one mask tower, a 1x1 output conv with S^2 channels per level;
+  the mask of cell k = i*S + j is ``sigmoid(out[k])``.
+- :class:`~solo_d2.modeling.decoupled_solo_head.DecoupledSOLOHead` (published Decoupled SOLO):
+  separate X and Y mask towers, 3x3 X and Y output convs of S channels each after the x2 upsample;
+  the mask of cell (i, j) is ``sigmoid(X[j]) * sigmoid(Y[i])``.
+- :class:`~solo_d2.modeling.decoupled_solo_light_head.DecoupledSOLOLightHead` (published Decoupled
+  SOLO light): one mask tower shared by X and Y, 3x3 X and Y output convs after the upsample.
+
+Heads never materialise all S^2 masks of vanilla SOLO in training or inference: ``forward``
+returns per-level *mask features* and :meth:`BaseSOLOHead.mask_probs` forms the masks of the cells
+asked for (positive cells in training, candidates at inference).
+:meth:`BaseSOLOHead.full_mask_probs` forms all S^2 masks, for tests and benchmarks.
+"""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, get_norm
+from detectron2.utils.registry import Registry
+from fvcore.nn import weight_init
+from torch import nn
+
+from .layers import DeformConv3x3, coord_features
+
+__all__ = ["SOLO_HEAD_REGISTRY", "BaseSOLOHead", "SOLOHead", "build_solo_head"]
+
+SOLO_HEAD_REGISTRY = Registry("SOLO_HEAD")
+SOLO_HEAD_REGISTRY.__doc__ = """
+Registry for SOLO heads, selected by ``MODEL.SOLO.HEAD_TYPE``. A head is called with
+``(cfg, input_shape: List[ShapeSpec])`` and follows :class:`BaseSOLOHead`'s contract.
+"""
+
+
+def build_solo_head(cfg, input_shape: List[ShapeSpec]) -> nn.Module:
+    name = cfg.MODEL.SOLO.HEAD_TYPE
+    if name not in SOLO_HEAD_REGISTRY:
+        known = ", ".join(sorted(k for k, _ in SOLO_HEAD_REGISTRY))
+        raise ValueError(f"MODEL.SOLO.HEAD_TYPE = {name!r} is not a registered head ({known})")
+    return SOLO_HEAD_REGISTRY.get(name)(cfg, input_shape)
+
+
+def tower(in_channels, channels, num_convs, norm, num_deformable) -> nn.Sequential:
+    """``num_convs`` x (3x3 conv, norm, ReLU); the last ``num_deformable`` convs are deformable.
+
+    Parameter names (the contract with ``tools/convert_weights.py``): conv i is module ``3*i`` and
+    its norm ``3*i + 1`` (with ``norm == ""``: conv i is ``2*i``, no norm). Convs followed by a
+    norm have no bias.
+    """
+    layers = []
+    for i in range(num_convs):
+        cin = in_channels if i == 0 else channels
+        if i >= num_convs - num_deformable:
+            conv = DeformConv3x3(cin, channels, bias=not norm)
+        else:
+            conv = nn.Conv2d(cin, channels, kernel_size=3, padding=1, bias=not norm)
+        layers += [conv]
+        if norm:
+            layers += [get_norm(norm, channels)]
+        layers += [nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, 2h, 2w), bilinear (align_corners=False): the reference's x2 upsample
+    of the mask tower output (``scale_factor=2``, so the output is exactly twice the input)."""
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear")
+
+
+def resize_probs(probs: torch.Tensor, out_size: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """(K, H, W) -> (K, *out_size), bilinear; unchanged when ``out_size`` is None or equal."""
+    if out_size is None or tuple(probs.shape[-2:]) == tuple(out_size):
+        return probs
+    return F.interpolate(probs[:, None], size=tuple(out_size), mode="bilinear")[:, 0]
+
+
+class BaseSOLOHead(nn.Module):
+    """What all SOLO heads share; subclasses build the mask branch and form the masks.
+
+    Contract of :meth:`forward`, for L levels with grid numbers S_l:
+
+    - input: ``features``, L tensors (N, in_channels, H_l, W_l), finest first (P2..P6).
+    - output: ``(cate_logits, mask_feats)``
+
+      * ``cate_logits[l]``: (N, num_classes, S_l, S_l) float, category logits of each cell.
+      * ``mask_feats[l]``: float (N, E_l, h_l, w_l), the level's mask features: whatever the head
+        forms masks from (vanilla SOLO: the mask tower output; Decoupled SOLO: the X and Y
+        logits). Only :meth:`mask_probs`, :meth:`full_mask_probs` and :meth:`mask_size`
+        interpret them.
+
+    Levels are resized first (P2 x0.5 to P3's size, the last level to the size of the one before),
+    so masks have strides [4, 4, 8, 16, 16] for P2..P6 inputs: the mask tower runs at the resized
+    level's size and its output is upsampled x2.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int,
+        num_grids: List[int],
+        conv_channels: int = 256,
+        num_stacked_convs: int = 7,
+        norm: str = "GN",
+        num_deformable_convs: int = 0,
+        prior_prob: float = 0.01,
+        mask_prior_prob: float = 0.0,
+        tower_init: str = "normal",
+    ):
+        """
+        Args:
+            num_classes: categories, without background.
+            in_channels: channels of every input feature map.
+            num_grids: S for each level.
+            conv_channels: channels of the tower convs.
+            num_stacked_convs: 3x3 convs in each tower.
+            norm: tower normalisation ("GN", "" for none, or a detectron2 ``get_norm`` name).
+            num_deformable_convs: how many of each tower's convs (category and mask towers),
+                counted from the last, are deformable (the reference light DCN head: 1).
+            prior_prob: initial foreground probability of the category output (and of the mask
+                outputs unless ``mask_prior_prob`` is given).
+            mask_prior_prob: initial foreground probability of each mask output conv (for
+                Decoupled SOLO: of X and of Y, so a cell's mask starts at its square);
+                0 means ``prior_prob`` (the reference).
+            tower_init: initialisation of the towers' 3x3 convs: "normal" (N(0, 0.01), the
+                reference) or "msra" (He init, Detectron2's ``c2_msra_fill``). The output convs
+                are N(0, 0.01) with the prior biases either way.
+        """
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_grids = list(num_grids)
+        if not 0 <= num_deformable_convs <= num_stacked_convs:
+            raise ValueError(
+                f"MODEL.SOLO.NUM_DEFORMABLE_CONVS = {num_deformable_convs} must be in "
+                f"0..NUM_STACKED_CONVS ({num_stacked_convs})"
+            )
+        if tower_init not in ("normal", "msra"):
+            raise ValueError(f"MODEL.SOLO.TOWER_INIT = {tower_init!r}: expected 'normal' or 'msra'")
+        for name, p in (("PRIOR_PROB", prior_prob), ("MASK_PRIOR_PROB", mask_prior_prob)):
+            if not (0.0 < p < 1.0 or (name == "MASK_PRIOR_PROB" and p == 0.0)):
+                raise ValueError(f"MODEL.SOLO.{name} = {p} must be in (0, 1)")
+
+        self.cate_tower = tower(in_channels, conv_channels, num_stacked_convs, norm, num_deformable_convs)
+        self.cate_pred = nn.Conv2d(conv_channels, num_classes, kernel_size=3, padding=1)
+        self._build_mask_branch(in_channels, conv_channels, num_stacked_convs, norm, num_deformable_convs)
+        self._init_weights(prior_prob, mask_prior_prob or prior_prob, tower_init)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        channels = {s.channels for s in input_shape}
+        if len(channels) != 1:
+            raise ValueError(
+                f"MODEL.SOLO.IN_FEATURES must all have the same number of channels, got {channels}"
+            )
+        return {
+            "num_classes": cfg.MODEL.SOLO.NUM_CLASSES,
+            "in_channels": channels.pop(),
+            "num_grids": cfg.MODEL.SOLO.NUM_GRIDS,
+            "conv_channels": cfg.MODEL.SOLO.CONV_CHANNELS,
+            "num_stacked_convs": cfg.MODEL.SOLO.NUM_STACKED_CONVS,
+            "norm": cfg.MODEL.SOLO.NORM,
+            "num_deformable_convs": cfg.MODEL.SOLO.NUM_DEFORMABLE_CONVS,
+            "prior_prob": cfg.MODEL.SOLO.PRIOR_PROB,
+            "mask_prior_prob": cfg.MODEL.SOLO.MASK_PRIOR_PROB,
+            "tower_init": cfg.MODEL.SOLO.TOWER_INIT,
+        }
+
+    def _init_weights(self, prior_prob: float, mask_prior_prob: float, tower_init: str):
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, DeformConv3x3)):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+        # After the loop, which also visits (and would re-fill) each offset conv: offsets start
+        # at zero, so a deformable conv starts as a plain 3x3 conv.
+        for m in self.modules():
+            if isinstance(m, DeformConv3x3):
+                nn.init.zeros_(m.conv_offset.weight)
+                nn.init.zeros_(m.conv_offset.bias)
+        if tower_init == "msra":
+            # The towers' direct children only: a deformable conv's offset conv stays at zero.
+            for t in [self.cate_tower, *self.mask_towers()]:
+                for m in t:
+                    if isinstance(m, (nn.Conv2d, DeformConv3x3)):
+                        weight_init.c2_msra_fill(m)
+        nn.init.constant_(self.cate_pred.bias, -math.log((1 - prior_prob) / prior_prob))
+        for m in self.mask_output_convs():
+            nn.init.constant_(m.bias, -math.log((1 - mask_prior_prob) / mask_prior_prob))
+
+    # ---- what a head type defines -------------------------------------------------------------
+    def _build_mask_branch(self, in_channels, conv_channels, num_convs, norm, num_deformable):
+        """Create the mask tower(s) and the per-level output convs."""
+        raise NotImplementedError
+
+    def mask_towers(self) -> List[nn.Sequential]:
+        """The mask tower(s), for initialisation."""
+        raise NotImplementedError
+
+    def mask_output_convs(self) -> List[nn.Module]:
+        """The mask output convs of all levels (prior-bias initialised)."""
+        raise NotImplementedError
+
+    def mask_forward(self, feat: torch.Tensor, level: int) -> torch.Tensor:
+        """``mask_feats[level]`` from the resized level ``feat`` (N, in_channels, h, w)."""
+        raise NotImplementedError
+
+    def mask_probs(
+        self,
+        mask_feat: torch.Tensor,
+        level: int,
+        img_idx: torch.Tensor,
+        cell_idx: torch.Tensor,
+        out_size: Optional[Tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        """Soft masks of chosen cells of one level.
+
+        Args:
+            mask_feat: ``mask_feats[level]`` from :meth:`forward`.
+            level: level index.
+            img_idx: (K,) int64, image of each chosen cell.
+            cell_idx: (K,) int64, cell index k = i * S + j of each chosen cell.
+            out_size: (H, W) to resize the masks to (bilinear), as the reference does at
+                inference to compare all levels at the finest mask size; None keeps
+                :meth:`mask_size`. Each head resizes where the reference does (vanilla: the
+                mask probability; Decoupled: sigmoid(X) and sigmoid(Y) before their product).
+        Returns:
+            (K, H, W) float in [0, 1], row r the mask of cell ``cell_idx[r]`` of image
+            ``img_idx[r]``; (H, W) = ``out_size`` or :meth:`mask_size`.
+        """
+        raise NotImplementedError
+
+    def full_mask_probs(self, mask_feat: torch.Tensor, level: int) -> torch.Tensor:
+        """All S^2 soft masks of one level: (N, S^2, H, W), channel k = i * S + j, (H, W) =
+        :meth:`mask_size`. What reference implementations compute; solo_d2 only uses it in tests
+        and benchmarks."""
+        raise NotImplementedError
+
+    def mask_size(self, mask_feat: torch.Tensor) -> Tuple[int, int]:
+        """(H, W) of the masks :meth:`mask_probs` forms from ``mask_feat`` (twice the resized
+        level's size)."""
+        raise NotImplementedError
+
+    # ---- shared ------------------------------------------------------------------------------
+    def mask_output_parameters(self) -> List[nn.Parameter]:
+        """Parameters of the mask output layer(s), all levels."""
+        return [p for m in self.mask_output_convs() for p in m.parameters()]
+
+    def forward(self, features: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        if len(features) != len(self.num_grids):
+            raise ValueError(
+                f"SOLO head got {len(features)} feature maps for {len(self.num_grids)} grids"
+            )
+        feats = self.resize_features(features)
+        cate_logits, mask_feats = [], []
+        for level, (feat, s) in enumerate(zip(feats, self.num_grids)):
+            mask_feats.append(self.mask_forward(feat, level))
+            cate_feat = F.interpolate(feat, size=(s, s), mode="bilinear")
+            cate_logits.append(self.cate_pred(self.cate_tower(cate_feat)))
+        return cate_logits, mask_feats
+
+    @staticmethod
+    def resize_features(features: List[torch.Tensor]) -> List[torch.Tensor]:
+        """P2 is resized to P3's size (x0.5) and the last level to the size of the one before."""
+        feats = list(features)
+        if len(feats) > 1:
+            feats[0] = F.interpolate(feats[0], size=feats[1].shape[-2:], mode="bilinear")
+            feats[-1] = F.interpolate(feats[-1], size=feats[-2].shape[-2:], mode="bilinear")
+        return feats
+
+
+@SOLO_HEAD_REGISTRY.register()
+class SOLOHead(BaseSOLOHead):
+    """Vanilla SOLO head: one CoordConv mask tower (both coordinate channels), then per level a
+    1x1 conv with S^2 output channels; the mask of cell k = i*S + j is ``sigmoid(out[k])``.
+
+    ``mask_feats[l]`` is the mask tower output (N, conv_channels, h_l, w_l); masks are
+    (2 h_l, 2 w_l).
+
+    The reference upsamples the tower output x2 and then applies the 1x1 output conv. Bilinear
+    upsampling mixes each channel's neighbouring pixels with weights that sum to 1 and the 1x1
+    conv mixes channels at each pixel, so the two commute exactly (bias included): this head
+    applies the output conv, for the chosen cells only, at the tower's resolution and upsamples
+    the result, a quarter of the pixels (a test compares with the reference order).
+
+    Parameters: ``cate_tower``, ``cate_pred``, ``mask_tower``, ``mask_preds.{l}`` (1x1, S_l^2
+    channels).
+    """
+
+    def _build_mask_branch(self, in_channels, conv_channels, num_convs, norm, num_deformable):
+        self.mask_tower = tower(in_channels + 2, conv_channels, num_convs, norm, num_deformable)
+        self.mask_preds = nn.ModuleList(
+            nn.Conv2d(conv_channels, s * s, kernel_size=1) for s in self.num_grids
+        )
+
+    def mask_towers(self):
+        return [self.mask_tower]
+
+    def mask_output_convs(self):
+        return list(self.mask_preds)
+
+    def mask_forward(self, feat, level):
+        return self.mask_tower(coord_features(feat, "xy"))
+
+    def mask_probs(self, mask_feat, level, img_idx, cell_idx, out_size=None):
+        conv = self.mask_preds[level]
+        n, e, h, w = mask_feat.shape
+        weight = conv.weight.view(conv.out_channels, e)
+        out = mask_feat.new_empty((img_idx.numel(), h * w))
+        # Group by image (a loop over the batch, not over cells): one matmul per image.
+        for b in torch.unique(img_idx).tolist():
+            sel = (img_idx == b).nonzero().squeeze(1)
+            cells = cell_idx[sel]
+            logits = torch.addmm(conv.bias[cells, None], weight[cells], mask_feat[b].view(e, -1))
+            out = out.index_put((sel,), logits)
+        probs = upsample2x(out.view(-1, 1, h, w))[:, 0].sigmoid()
+        return resize_probs(probs, out_size)
+
+    def full_mask_probs(self, mask_feat, level):
+        return upsample2x(self.mask_preds[level](mask_feat)).sigmoid()
+
+    def mask_size(self, mask_feat):
+        h, w = mask_feat.shape[-2:]
+        return (2 * h, 2 * w)

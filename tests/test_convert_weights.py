@@ -1,0 +1,471 @@
+"""tools/convert_weights.py and solo_d2.checkpoint_conversion: every published layout converts
+(synthetic, small source state dicts written here with mmdetection's / the official repository's
+/ torchvision's key names), the output loads with weights_only=True into the right model, the
+last printed line is the config, and every refusal path exits non-zero naming the problem."""
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+import solo_d2  # noqa: F401
+from solo_d2.checkpoint import SafeDetectionCheckpointer
+from solo_d2.checkpoint_conversion import (
+    ConvertedCheckpoint,
+    config_file_for,
+    convert_state_dict,
+    converted_config,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "convert_weights.py")
+COCO = "configs/COCO-InstanceSegmentation"
+
+_spec = importlib.util.spec_from_file_location("convert_weights", TOOL)
+convert_weights = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic source checkpoints
+# ---------------------------------------------------------------------------------------------
+def _t(*shape):
+    return torch.randn(*shape)
+
+
+def _bn(sd, name, c):
+    sd[f"{name}.weight"], sd[f"{name}.bias"] = _t(c), _t(c)
+    sd[f"{name}.running_mean"], sd[f"{name}.running_var"] = _t(c), torch.rand(c) + 0.5
+    sd[f"{name}.num_batches_tracked"] = torch.tensor(7)
+
+
+def resnet(prefix="backbone.", depth=18, base=8, dcn=False):
+    """torchvision / mmdetection ResNet keys; bottleneck for depth 50 (expansion 4); ``dcn``:
+    deformable 3x3 convs (``conv2.conv_offset``) in layer2-layer4, as the light DCN model."""
+    blocks = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3]}[depth]
+    bottleneck = depth >= 50
+    sd = {f"{prefix}conv1.weight": _t(base, 3, 7, 7)}
+    _bn(sd, f"{prefix}bn1", base)
+    cin = base
+    for s, n in enumerate(blocks):
+        width = base * 2**s
+        cout = width * 4 if bottleneck else width
+        for b in range(n):
+            p = f"{prefix}layer{s + 1}.{b}"
+            c0 = cin if b == 0 else cout
+            if bottleneck:
+                shapes = [(width, c0, 1, 1), (width, width, 3, 3), (cout, width, 1, 1)]
+            else:
+                shapes = [(cout, c0, 3, 3), (cout, cout, 3, 3)]
+            for k, shape in enumerate(shapes, 1):
+                sd[f"{p}.conv{k}.weight"] = _t(*shape)
+                _bn(sd, f"{p}.bn{k}", shape[0])
+            if dcn and s > 0:
+                sd[f"{p}.conv2.conv_offset.weight"] = _t(18, *shapes[1][1:])
+                sd[f"{p}.conv2.conv_offset.bias"] = _t(18)
+            if b == 0 and (s > 0 or c0 != cout):
+                sd[f"{p}.downsample.0.weight"] = _t(cout, c0, 1, 1)
+                _bn(sd, f"{p}.downsample.1", cout)
+        cin = cout
+    return sd, [base * 2**s * (4 if bottleneck else 1) for s in range(4)]
+
+
+def fpn(in_channels, out=32):
+    sd = {}
+    for i, c in enumerate(in_channels):
+        sd[f"neck.lateral_convs.{i}.conv.weight"], sd[f"neck.lateral_convs.{i}.conv.bias"] = _t(
+            out, c, 1, 1), _t(out)
+        sd[f"neck.fpn_convs.{i}.conv.weight"], sd[f"neck.fpn_convs.{i}.conv.bias"] = _t(
+            out, out, 3, 3), _t(out)
+    return sd
+
+
+GRIDS = [12, 10, 8, 6, 4]
+
+
+def head(kind, names="mmdet", ch=32, convs=2, classes=3, dcn=False, in_ch=32):
+    """A SOLO / DecoupledSOLO / DecoupledSOLOLight head in mmdetection's or the official names."""
+    n = {
+        "mmdet":
+        dict(prefix="mask_head.",
+             cls="cls_convs",
+             conv_cls="conv_cls",
+             mask="mask_convs",
+             list="conv_mask_list"),
+        "official":
+        dict(prefix="bbox_head.",
+             cls="cate_convs",
+             mask="ins_convs",
+             list="solo_ins_list",
+             conv_cls="solo_cate" if kind == "SOLO" else "dsolo_cate"),
+    }[names]
+    if names == "official" and kind != "SOLO":
+        n["list"] = "dsolo_ins_list"
+    p = n["prefix"]
+    sd = {}
+
+    def tower(name, cin):
+        for i in range(convs):
+            c0 = cin if i == 0 else ch
+            sd[f"{p}{name}.{i}.conv.weight"] = _t(ch, c0, 3, 3)
+            if dcn and i == convs - 1:
+                sd[f"{p}{name}.{i}.conv.conv_offset.weight"] = _t(18, c0, 3, 3)
+                sd[f"{p}{name}.{i}.conv.conv_offset.bias"] = _t(18)
+            sd[f"{p}{name}.{i}.gn.weight"], sd[f"{p}{name}.{i}.gn.bias"] = _t(ch), _t(ch)
+
+    tower(n["cls"], in_ch)
+    if kind == "DecoupledSOLO":
+        tower(n["mask"] + "_x", in_ch + 1)
+        tower(n["mask"] + "_y", in_ch + 1)
+    else:
+        tower(n["mask"], in_ch + 2)
+    sd[f"{p}{n['conv_cls']}.weight"], sd[f"{p}{n['conv_cls']}.bias"] = _t(classes, ch, 3,
+                                                                          3), _t(classes)
+    for l, s in enumerate(GRIDS):
+        if kind == "SOLO":
+            sd[f"{p}{n['list']}.{l}.weight"], sd[f"{p}{n['list']}.{l}.bias"] = _t(s * s, ch, 1,
+                                                                                  1), _t(s * s)
+        else:
+            for a in "xy":
+                sd[f"{p}{n['list']}_{a}.{l}.weight"], sd[f"{p}{n['list']}_{a}.{l}.bias"] = _t(
+                    s, ch, 3, 3), _t(s)
+    return sd
+
+
+def source(kind="SOLO", names="mmdet", depth=18, backbone_dcn=False, **kw):
+    bb, chans = resnet("backbone.", depth, dcn=backbone_dcn)
+    return {**bb, **fpn(chans), **head(kind, names, **kw)}
+
+
+def run_cli(argv, capsys):
+    rc = convert_weights.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out.strip().splitlines(), out.err.strip()
+
+
+def load_into_model(dst, src_sd, config):
+    """Load ``dst`` with weights_only=True through SafeDetectionCheckpointer into the model of
+    ``config`` with the checkpoint's sizes; return (model, state dict written)."""
+    data = torch.load(dst, weights_only=True)
+    assert data["__author__"] == "solo_d2 convert_weights" and data["matching_heuristics"] is False
+    conv = convert_state_dict(src_sd)
+    model = build_model(converted_config(conv, os.path.join(ROOT, config)))
+    SafeDetectionCheckpointer(model).load(str(dst))
+    for k, v in data["model"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    return model, data["model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every layout converts
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kind,names,dcn,config",
+    [
+        ("SOLO", "mmdet", False, "SOLO_R50_3x.yaml"),
+        ("DecoupledSOLO", "mmdet", False, "DecoupledSOLO_R50_3x.yaml"),
+        ("DecoupledSOLOLight", "mmdet", False, "DecoupledSOLO_Light_R50_3x.yaml"),
+        ("DecoupledSOLOLight", "mmdet", True, "DecoupledSOLO_Light_DCN_R50_3x.yaml"),
+        ("SOLO", "official", False, "SOLO_R50_3x.yaml"),
+        ("DecoupledSOLO", "official", False, "DecoupledSOLO_R50_3x.yaml"),
+        ("DecoupledSOLOLight", "official", False, "DecoupledSOLO_Light_R50_3x.yaml"),
+        ("DecoupledSOLOLight", "official", True, "DecoupledSOLO_Light_DCN_R50_3x.yaml"),
+    ],
+)
+def test_layout_converts_and_loads(kind, names, dcn, config, tmp_path, capsys):
+    # the DCN model has deformable convs in its (bottleneck) backbone too
+    sd = source(kind, names, dcn=dcn, depth=50 if dcn else 18, backbone_dcn=dcn)
+    src = tmp_path / "src.pth"
+    torch.save({"state_dict": sd, "meta": {"epoch": 36}}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    assert lines[-1] == f"{COCO}/{config}"
+    opts = [l for l in lines if "--opts" in l]
+    assert len(opts) == 1 and "MODEL.SOLO.NUM_CLASSES 3" in opts[0]
+    assert "MODEL.SOLO.NUM_GRIDS [12,10,8,6,4]" in opts[0]
+    if not dcn:
+        assert any("no " in l and "ResNet-18" in l for l in lines), lines
+        assert "MODEL.RESNETS.DEPTH 18" in opts[0]
+        assert "MODEL.BACKBONE.NAME build_narrow_resnet_fpn_backbone" in opts[0]
+    _, out = load_into_model(tmp_path / "dst.pth", sd, lines[-1])
+    p = "mask_head." if names == "mmdet" else "bbox_head."
+    cls = "cls_convs" if names == "mmdet" else "cate_convs"
+    # values land where they belong: [conv, GN, ReLU] per tower conv
+    assert torch.equal(out["head.cate_tower.3.weight"], sd[f"{p}{cls}.1.conv.weight"])
+    assert torch.equal(out["head.cate_tower.4.bias"], sd[f"{p}{cls}.1.gn.bias"])
+    assert torch.equal(out["backbone.bottom_up.res3.0.shortcut.norm.running_var"],
+                       sd["backbone.layer2.0.downsample.1.running_var"])
+    assert torch.equal(out["backbone.fpn_output5.weight"], sd["neck.fpn_convs.3.conv.weight"])
+    assert not any("num_batches_tracked" in k for k in out)
+    if kind == "SOLO":
+        lst = "conv_mask_list" if names == "mmdet" else "solo_ins_list"
+        assert torch.equal(out["head.mask_preds.2.weight"], sd[f"{p}{lst}.2.weight"])
+    else:
+        lst = "conv_mask_list" if names == "mmdet" else "dsolo_ins_list"
+        assert torch.equal(out["head.mask_preds.2.y.weight"], sd[f"{p}{lst}_y.2.weight"])
+    if kind == "DecoupledSOLO":
+        mask = "mask_convs" if names == "mmdet" else "ins_convs"
+        assert torch.equal(out["head.mask_tower_x.0.weight"], sd[f"{p}{mask}_x.0.conv.weight"])
+    if dcn:
+        mask = "mask_convs" if names == "mmdet" else "ins_convs"
+        assert torch.equal(out["head.mask_tower.3.conv_offset.weight"],
+                           sd[f"{p}{mask}.1.conv.conv_offset.weight"])
+        assert torch.equal(out["backbone.bottom_up.res4.2.conv2.conv_offset.bias"],
+                           sd["backbone.layer3.2.conv2.conv_offset.bias"])
+        assert "backbone.bottom_up.res2.0.conv2.conv_offset.weight" not in out
+
+
+def test_r50_picks_schedule_from_file_name(tmp_path, capsys):
+    sd = source("SOLO", "mmdet", depth=50, classes=80)
+    src = tmp_path / "solo_r50_fpn_1x_coco_20210821.pth"
+    torch.save({"state_dict": sd}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    assert lines[-1] == f"{COCO}/SOLO_R50_1x.yaml"
+    assert not any("no SOLO config" in l for l in lines)
+    # only the narrow widths of this synthetic R-50 differ from the config
+    opts = [l.split("--opts ")[1] for l in lines if "--opts" in l]
+    assert opts == [
+        "MODEL.RESNETS.STEM_OUT_CHANNELS 8 MODEL.RESNETS.RES2_OUT_CHANNELS 32 "
+        "MODEL.RESNETS.WIDTH_PER_GROUP 8 MODEL.FPN.OUT_CHANNELS 32 MODEL.SOLO.NUM_GRIDS "
+        "[12,10,8,6,4] MODEL.SOLO.CONV_CHANNELS 32 MODEL.SOLO.NUM_STACKED_CONVS 2"
+    ], lines
+    load_into_model(tmp_path / "dst.pth", sd, lines[-1])
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_torchvision_resnet_backbone_only(depth, tmp_path, capsys):
+    sd, _ = resnet("", depth)
+    sd["fc.weight"], sd["fc.bias"] = _t(1000, 64 if depth == 18 else 256), _t(1000)
+    src = tmp_path / "resnet.pth"
+    torch.save(sd, src)  # torchvision ships a bare state dict
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    assert lines[-1] == f"{COCO}/SOLO_R50_3x.yaml"
+    out = torch.load(tmp_path / "dst.pth", weights_only=True)["model"]
+    assert all(k.startswith("backbone.bottom_up.") for k in out)
+    assert torch.equal(out["backbone.bottom_up.stem.conv1.norm.running_mean"],
+                       sd["bn1.running_mean"])
+    assert torch.equal(out["backbone.bottom_up.res5.1.conv2.weight"], sd["layer4.1.conv2.weight"])
+
+
+def test_cli_last_line_is_the_config(tmp_path):
+    """The real command line: the config is the last line of stdout, for `| tail -n1`."""
+    src = tmp_path / "src.pth"
+    torch.save({"state_dict": source("SOLO")}, src)
+    proc = subprocess.run(
+        [sys.executable, TOOL, str(src), str(tmp_path / "d.pth")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"{COCO}/SOLO_R50_3x.yaml"
+    assert os.path.isfile(os.path.join(ROOT, proc.stdout.strip().splitlines()[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------
+def _refused(sd, tmp_path, capsys, *extra):
+    src = tmp_path / "src.pth"
+    torch.save(sd, src)
+    dst = tmp_path / "dst.pth"
+    rc, lines, err = run_cli([src, dst, *extra], capsys)
+    assert rc != 0
+    assert not dst.exists()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_refuses_unknown_layout(tmp_path, capsys):
+    err = _refused({"encoder.layers.0.weight": _t(2, 2)}, tmp_path, capsys)
+    assert "unknown layout" in err and "encoder.layers.0.weight" in err
+
+
+def test_refuses_leftover_keys(tmp_path, capsys):
+    sd = source("SOLO")
+    sd["mask_head.conv_centerness.weight"] = _t(1, 32, 3, 3)
+    sd["neck.fpn_convs.4.conv.weight"] = _t(32, 32, 3, 3)  # an extra P6 conv solo_d2 has not
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "leftover" in err and "mask_head.conv_centerness.weight" in err and "neck.fpn_convs.4.conv.weight" in err
+
+
+def test_refuses_missing_keys(tmp_path, capsys):
+    sd = source("DecoupledSOLO")
+    del sd["mask_head.conv_mask_list_y.3.bias"]
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "missing" in err and "head.mask_preds.3.y.bias" in err
+    sd = source("SOLO")
+    del sd["backbone.layer3.1.bn2.running_var"]
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "missing" in err and "backbone.bottom_up.res4.1.conv2.norm.running_var" in err
+
+
+def narrow_config(tmp_path, base="SOLO_R50_3x.yaml", classes=3):
+    """A config of the test's narrow model (ResNet-18 base 8, 32-channel FPN and head)."""
+    cfg = tmp_path / "narrow.yaml"
+    cfg.write_text(
+        f"_BASE_: {os.path.join(ROOT, COCO, base)}\n"
+        "MODEL:\n  BACKBONE: {NAME: build_narrow_resnet_fpn_backbone}\n"
+        "  RESNETS: {DEPTH: 18, STEM_OUT_CHANNELS: 8, RES2_OUT_CHANNELS: 8}\n"
+        "  FPN: {OUT_CHANNELS: 32}\n"
+        f"  SOLO: {{NUM_CLASSES: {classes}, NUM_GRIDS: [12, 10, 8, 6, 4], CONV_CHANNELS: 32, NUM_STACKED_CONVS: 2}}\n"
+    )
+    return cfg
+
+
+def test_config_file_accepted_when_it_fits(tmp_path, capsys):
+    """--config-file: checked against that model as it is, and printed as the last line."""
+    cfg = narrow_config(tmp_path)
+    src = tmp_path / "src.pth"
+    torch.save({"state_dict": source("SOLO")}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth", "--config-file", cfg], capsys)
+    assert rc == 0, err
+    assert lines[-1] == str(cfg)
+
+
+def test_refuses_shape_mismatch_against_config(tmp_path, capsys):
+    """With --config-file the model is that config's as it is: 3 classes do not fit 80."""
+    cfg = narrow_config(tmp_path, classes=80)
+    err = _refused({"state_dict": source("SOLO")}, tmp_path, capsys, "--config-file", cfg)
+    assert "shape mismatch" in err and "head.cate_pred.weight: checkpoint (3, 32, 3, 3) vs model (80, 32, 3, 3)" in err
+
+
+def test_refuses_head_mismatch(tmp_path, capsys):
+    cfg = narrow_config(tmp_path)
+    err = _refused({"state_dict": source("DecoupledSOLO")}, tmp_path, capsys, "--config-file", cfg)
+    assert "DecoupledSOLO R-18 checkpoint" in err and "builds SOLOHead" in err and "head.mask_tower_x" in err
+
+
+def test_refuses_arbitrary_pickle_without_unsafe_load(tmp_path, capsys):
+    sd = source("SOLO")
+    obj = {"state_dict": sd, "meta": {"args": argparse.Namespace(lr=0.01)}}
+    err = _refused(obj, tmp_path, capsys)
+    assert "--unsafe-load" in err and "arbitrary unpickling" in err
+    rc, lines, err = run_cli([tmp_path / "src.pth", tmp_path / "dst.pth", "--unsafe-load"], capsys)
+    assert rc == 0, err
+    assert lines[-1] == f"{COCO}/SOLO_R50_3x.yaml"
+    torch.load(tmp_path / "dst.pth", weights_only=True)
+
+
+def test_refuses_a_solo_d2_checkpoint(tmp_path, capsys):
+    err = _refused({"model": {
+        "backbone.bottom_up.stem.conv1.weight": _t(8, 3, 7, 7)
+    }}, tmp_path, capsys)
+    assert "already" in err
+
+
+def test_refuses_modulated_dcn(tmp_path, capsys):
+    """DCNv2 (27-channel offset+mask conv) is not solo_d2's DCN v1: a shape mismatch."""
+    sd = source("DecoupledSOLOLight", dcn=True)
+    for k in list(sd):
+        if "conv_offset" in k:
+            sd[k] = _t(27, *sd[k].shape[1:])
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "shape mismatch" in err and "conv_offset" in err
+
+
+@pytest.mark.parametrize(
+    "head_type,depth,dcn,name,config,note",
+    [
+        ("SOLO", 50, False, "solo_r50_fpn_3x_coco.pth", "SOLO_R50_3x.yaml", None),
+        ("SOLO", 50, False, "solo_r50_fpn_1x_coco.pth", "SOLO_R50_1x.yaml", None),
+        ("SOLO", 101, False, "SOLO_R101_3x.pth", "SOLO_R101_3x.yaml", None),
+        ("SOLO", 152, False, "x.pth", "SOLO_R101_3x.yaml", "ResNet-152; the closest is R-101"),
+        ("DecoupledSOLO", 50, False, "decoupled-solo_r50_fpn_1x_coco.pth",
+         "DecoupledSOLO_R50_1x.yaml", None),
+        ("DecoupledSOLO", 101, False, "DECOUPLED_SOLO_R101_3x.pth", "DecoupledSOLO_R101_3x.yaml",
+         None),
+        ("DecoupledSOLOLight", 50, False, "x_1x.pth", "DecoupledSOLO_Light_R50_3x.yaml", None),
+        ("DecoupledSOLOLight", 101, False, "x.pth", "DecoupledSOLO_Light_R50_3x.yaml",
+         "ResNet-101; the closest is R-50"),
+        ("DecoupledSOLOLight", 50, True, "x.pth", "DecoupledSOLO_Light_DCN_R50_3x.yaml", None),
+    ],
+)
+def test_config_choice(head_type, depth, dcn, name, config, note):
+    conv = ConvertedCheckpoint(state_dict={},
+                               layout="mmdet",
+                               head=head_type,
+                               depth=depth,
+                               stem_channels=64,
+                               res2_channels=256,
+                               num_deformable_convs=int(dcn))
+    path, notes = config_file_for(conv, name, root=ROOT)
+    assert path == f"{COCO}/{config}"
+    assert os.path.isfile(os.path.join(ROOT, path))
+    if note is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and note in notes[0]
+
+
+@pytest.mark.parametrize("head_type", ["SOLO", "DecoupledSOLO", "DecoupledSOLOLight"])
+def test_real_mmdet_state_dict_with_printed_config_and_opts(head_type, tmp_path, capsys):
+    """mmdetection's own state dict (from the parity fixture): the printed config plus the
+    printed --opts build a model that loads the converted file strictly."""
+    from detectron2.config import get_cfg
+
+    from solo_d2.config import add_solo_config
+
+    fx = torch.load(os.path.join(ROOT, "tests", "fixtures", "parity", f"{head_type}.pth"),
+                    weights_only=True)
+    src = tmp_path / "mmdet.pth"
+    torch.save({"state_dict": fx["state_dict"], "meta": {"mmdet_version": "3.3.0"}}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    opts = [l.split("--opts ")[1].split() for l in lines if "--opts" in l]
+    assert len(opts) == 1
+    cfg = get_cfg()
+    add_solo_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, lines[-1]))
+    assert any("3 classes: set DATASETS.TRAIN / DATASETS.TEST" in l for l in lines), lines
+    cfg.merge_from_list(
+        opts[0] +
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(tmp_path / "dst.pth", weights_only=True)["model"], strict=True)
+    assert type(model.head).__name__ == f"{head_type}Head"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_resnet_features_match(arch, tmp_path, capsys):
+    """torchvision's own ResNet (random weights, random BN statistics): the converted backbone of
+    the published config (STRIDE_IN_1X1 False, FrozenBN) computes the same res2-res5 features."""
+    import torchvision
+    from detectron2.config import get_cfg
+
+    from solo_d2.config import add_solo_config
+
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, arch)(weights=None).eval()
+    for m in tv.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.normal_(1, 0.1)
+            m.bias.data.normal_(0, 0.1)
+    src = tmp_path / f"{arch}.pth"
+    torch.save(tv.state_dict(), src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    cfg = get_cfg()
+    add_solo_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, lines[-1]))
+    opts = [l.split("--opts ")[1].split() for l in lines if "--opts" in l]
+    # the standard memory layout, for the same convolution kernels as torchvision's
+    cfg.merge_from_list((opts[0] if opts else []) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+                                                     "MODEL.SOLO.CHANNELS_LAST", "False"])
+    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    model = build_model(cfg).eval()
+    SafeDetectionCheckpointer(model).load(str(tmp_path / "dst.pth"))
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        ours = model.backbone.bottom_up(x)
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        for i in range(1, 5):
+            y = getattr(tv, f"layer{i}")(y)
+            torch.testing.assert_close(ours[f"res{i + 1}"], y, atol=1e-5, rtol=1e-5)

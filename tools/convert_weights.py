@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Convert a published SOLO checkpoint (mmdetection 2.x/3.x or the official SOLO repository) or a
+torchvision ResNet ImageNet state dict to a solo_d2 checkpoint.
+
+    python tools/convert_weights.py SRC DST [--config-file CFG] [--unsafe-load]
+
+Writes DST (``{"model": state_dict, "__author__": ..., "matching_heuristics": False}``, loadable
+with ``torch.load(weights_only=True)`` and ``SafeDetectionCheckpointer``) and prints, as its last
+line, the config to use with it, so that scripts can chain it:
+
+    CFG=$(python tools/convert_weights.py solo_r50_3x.pth solo_r50_3x_d2.pth | tail -n1)
+    python demo/demo.py --config-file "$CFG" --opts MODEL.WEIGHTS solo_r50_3x_d2.pth ...
+
+The converted tensors are checked key for key and shape for shape against the model that config
+builds (with ``--config-file``: against that config's model as it is; without: the chosen
+config with the checkpoint's sizes, e.g. its number of classes). Any problem (unknown layout,
+leftover / missing keys, shape mismatches, a head type the config does not build) exits 1 with
+a one-line error naming it. mmengine checkpoints keep Python objects next to the weights: such a
+file is only unpickled with ``--unsafe-load``, for a file you trust.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from solo_d2.checkpoint_conversion import (  # noqa: E402
+    AUTHOR, ConversionError, check_against_model, config_file_for, config_overrides,
+    convert_state_dict, converted_config, extract_state_dict, load_source_checkpoint,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = False) -> str:
+    """Convert ``src`` to ``dst``; returns the config path to print (see module docs)."""
+    import solo_d2  # noqa: F401  (registers the meta-architecture, heads and backbones)
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from solo_d2.config import add_solo_config
+
+    conv = convert_state_dict(extract_state_dict(load_source_checkpoint(src, unsafe_load)))
+    backbone_only = conv.head is None
+    if config_file:
+        cfg = get_cfg()
+        add_solo_config(cfg)
+        cfg.merge_from_file(config_file)
+        cfg.MODEL.WEIGHTS = ""
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.DATASETS.TRAIN = ()
+        cfg.DATASETS.TEST = ()
+        config_path, notes = config_file, []
+    else:
+        config_path, notes = config_file_for(conv, src, root=ROOT)
+        cfg = converted_config(conv, os.path.join(ROOT, config_path))
+        plain = get_cfg()
+        add_solo_config(plain)
+        plain.merge_from_file(os.path.join(ROOT, config_path))
+        opts = config_overrides(cfg, plain)
+        if opts:
+            notes.append(
+                f"note: this checkpoint's model differs from {config_path}: use it with --opts " +
+                " ".join(opts))
+        if "MODEL.SOLO.NUM_CLASSES" in opts:
+            notes.append(
+                f"note: {conv.num_classes} classes: set DATASETS.TRAIN / DATASETS.TEST to datasets "
+                f"with {conv.num_classes} classes (the config's have {plain.MODEL.SOLO.NUM_CLASSES})"
+            )
+    model = build_model(cfg)
+    try:
+        check_against_model(conv.state_dict, model, backbone_only=backbone_only)
+    except ConversionError as e:
+        what = f"{conv.layout} {conv.head or 'ResNet'} R-{conv.depth} checkpoint"
+        builds = f"{type(model.head).__name__} (MODEL.SOLO.HEAD_TYPE {cfg.MODEL.SOLO.HEAD_TYPE!r})"
+        raise ConversionError(
+            f"{what} does not fit the model of {config_path}, which builds {builds}: {e}") from None
+    out = {"model": conv.state_dict, "__author__": AUTHOR, "matching_heuristics": False}
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    torch.save(out, dst)
+    print(f"converted {src} ({conv.layout} layout, " +
+          (f"{conv.head} head, {conv.num_classes} classes, grids {conv.num_grids}, " if conv.
+           head else "backbone only, ") +
+          f"ResNet-{conv.depth}, {len(conv.state_dict)} tensors) to {dst}")
+    if backbone_only:
+        print(
+            "note: backbone only (ImageNet weights): the FPN and the head start from their initialisation"
+        )
+    for note in notes:
+        print(note)
+    return config_path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "src", help="mmdetection / official SOLO checkpoint, or torchvision ResNet state dict")
+    parser.add_argument("dst", help="output .pth for solo_d2 (MODEL.WEIGHTS)")
+    parser.add_argument("--config-file",
+                        default=None,
+                        help="check against this config's model and print it")
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="allow arbitrary unpickling of SRC (mmengine checkpoints); only for files you trust",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config_path = convert(args.src, args.dst, args.config_file, args.unsafe_load)
+    except (ConversionError, ValueError, OSError) as e:  # ConversionError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(config_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
