@@ -56,13 +56,7 @@ def argument_parser():
 
 def _output_dir(args, extra_opts):
     """cfg.OUTPUT_DIR of this run, known before setup_cfg writes into it."""
-    from detectron2.config import get_cfg
-
-    cfg = get_cfg()
-    solo_d2.add_solo_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(extra_opts) + list(args.opts))
+    cfg = solo_d2.get_solo_cfg(args.config_file, list(extra_opts) + list(args.opts))
     return cfg.OUTPUT_DIR
 
 

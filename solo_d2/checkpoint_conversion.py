@@ -560,14 +560,9 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
     Starts from ``config_file`` (when given) and sets the sizes read from the checkpoint
     (depth, widths, classes, grids, tower length, deformable convs, norm).
     """
-    from detectron2.config import get_cfg
+    from .config import get_solo_cfg
 
-    from .config import add_solo_config
-
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
+    cfg = get_solo_cfg(config_file)
     r = cfg.MODEL.RESNETS
     r.DEPTH = conv.depth
     r.STEM_OUT_CHANNELS = conv.stem_channels

@@ -105,7 +105,7 @@ def test_fpn_matches_the_reference_fpn():
     import torch.nn.functional as F
     from detectron2.modeling import build_backbone
 
-    from conftest import tiny_cfg
+    from helpers import tiny_cfg
 
     cfg = tiny_cfg()
     cfg.MODEL.FPN.NORM = ""

@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import solo_d2  # noqa: F401
 from solo_d2.checkpoint_conversion import convert_state_dict
-from solo_d2.config import add_solo_config
+from solo_d2.config import get_solo_cfg
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
 # solo_d2's head type for each mmdetection head
@@ -38,8 +37,7 @@ def load_fixture(head):
 def solo_cfg(fx):
     """The solo_d2 config of the fixture's mmdetection model, written out key by key."""
     c = fx["config"]
-    cfg = get_cfg()
-    add_solo_config(cfg)
+    cfg = get_solo_cfg()
     cfg.MODEL.META_ARCHITECTURE = "SOLO"
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""

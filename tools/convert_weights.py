@@ -22,10 +22,8 @@ import argparse
 import os
 import sys
 
+import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from solo_d2.checkpoint_conversion import (  # noqa: E402
     AUTHOR, ConversionError, check_against_model, config_file_for, config_overrides,
     convert_state_dict, converted_config, extract_state_dict, load_source_checkpoint,
@@ -37,17 +35,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = False) -> str:
     """Convert ``src`` to ``dst``; returns the config path to print (see module docs)."""
     import solo_d2  # noqa: F401  (registers the meta-architecture, heads and backbones)
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from solo_d2.config import add_solo_config
+    from solo_d2.config import get_solo_cfg
 
     conv = convert_state_dict(extract_state_dict(load_source_checkpoint(src, unsafe_load)))
     backbone_only = conv.head is None
     if config_file:
-        cfg = get_cfg()
-        add_solo_config(cfg)
-        cfg.merge_from_file(config_file)
+        cfg = get_solo_cfg(config_file)
         cfg.MODEL.WEIGHTS = ""
         cfg.MODEL.DEVICE = "cpu"
         cfg.DATASETS.TRAIN = ()
@@ -56,9 +51,7 @@ def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = Fal
     else:
         config_path, notes = config_file_for(conv, src, root=ROOT)
         cfg = converted_config(conv, os.path.join(ROOT, config_path))
-        plain = get_cfg()
-        add_solo_config(plain)
-        plain.merge_from_file(os.path.join(ROOT, config_path))
+        plain = get_solo_cfg(os.path.join(ROOT, config_path))
         opts = config_overrides(cfg, plain)
         if opts:
             notes.append(

@@ -346,7 +346,8 @@ def build_mmdet(head, full_size, max_per_img, seed, images, cate_bias, cate_std)
 # Fixture mode
 # ---------------------------------------------------------------------------------------------
 def make_fixture(head: str, out_dir: str, seed: int) -> str:
-    sizes = [(104, 168), (100, 160)]  # both pad to 128 x 192 with size divisor 32
+    sizes = [(104, 168), (100, 172)]  # each pads to 128 x 192 alone (size divisor 32), so the batch
+    # is what batch-independent inference (one padded canvas per size group) runs as one group
     images = make_images(sizes, seed)
     max_per_img = 20
     model = build_mmdet(head, False, max_per_img, seed, images, cate_bias=-1.0, cate_std=1.5)

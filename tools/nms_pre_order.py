@@ -18,14 +18,10 @@ reference's detections have no detection with the same class and the same mask i
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None):
