@@ -63,7 +63,12 @@ def build_narrow_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """:func:`build_narrow_resnet_backbone` + Detectron2's FPN with a max-pooled P6, exactly as
     ``build_resnet_fpn_backbone`` (``MODEL.FPN.IN_FEATURES``, ``OUT_CHANNELS``, ``NORM``,
     ``FUSE_TYPE``)."""
-    bottom_up = build_narrow_resnet_backbone(cfg, input_shape)
+    return resnet_fpn(cfg, build_narrow_resnet_backbone(cfg, input_shape))
+
+
+def resnet_fpn(cfg, bottom_up: ResNet) -> FPN:
+    """Detectron2's FPN on ``bottom_up`` with a max-pooled P6 (``MODEL.FPN.*``), as
+    ``build_resnet_fpn_backbone`` builds it."""
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,

@@ -14,10 +14,10 @@ Parameter names: ``bottom_up.res{k}.{b}.conv2.weight``, ``.conv2.norm.*`` and
 """
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BottleneckBlock, build_resnet_backbone
 from fvcore.nn import weight_init
 
+from .backbone import resnet_fpn
 from .layers import DeformConv3x3
 
 __all__ = ["build_solo_resnet_fpn_backbone"]
@@ -32,14 +32,24 @@ def build_solo_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     r = cfg.MODEL.RESNETS
     deform = list(r.DEFORM_ON_PER_STAGE)
     if len(deform) != 4:
-        raise ValueError(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE must have 4 entries (res2..res5), got {deform}")
+        raise ValueError(
+            f"MODEL.RESNETS.DEFORM_ON_PER_STAGE must have 4 entries (res2..res5), got {deform}"
+        )
     if any(deform):
         if r.DEFORM_MODULATED:
-            raise ValueError("MODEL.RESNETS.DEFORM_MODULATED = True (DCN v2) is not supported by build_solo_resnet_fpn_backbone; the published SOLO models use DCN v1")
+            raise ValueError(
+                "MODEL.RESNETS.DEFORM_MODULATED = True (DCN v2) is not supported by "
+                "build_solo_resnet_fpn_backbone; the published SOLO models use DCN v1"
+            )
         if r.DEFORM_NUM_GROUPS != 1:
-            raise ValueError(f"MODEL.RESNETS.DEFORM_NUM_GROUPS = {r.DEFORM_NUM_GROUPS}: only 1 is supported")
+            raise ValueError(
+                f"MODEL.RESNETS.DEFORM_NUM_GROUPS = {r.DEFORM_NUM_GROUPS}: only 1 is supported"
+            )
         if r.DEPTH < 50:
-            raise ValueError(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE needs bottleneck blocks (DEPTH >= 50), got DEPTH {r.DEPTH}")
+            raise ValueError(
+                "MODEL.RESNETS.DEFORM_ON_PER_STAGE needs bottleneck blocks (DEPTH >= 50), got "
+                f"DEPTH {r.DEPTH}"
+            )
     plain = cfg.clone()
     plain.defrost()
     plain.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False] * 4
@@ -59,16 +69,12 @@ def build_solo_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
                 norm=get_norm(r.NORM, conv.out_channels),
             )
             if conv.dilation != (1, 1) or conv.groups != 1:
-                raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE: dilated or grouped 3x3 convs are not supported")
+                raise ValueError(
+                    "MODEL.RESNETS.DEFORM_ON_PER_STAGE: dilated or grouped 3x3 convs are not "
+                    "supported"
+                )
             weight_init.c2_msra_fill(block.conv2)  # as Detectron2 initialises the plain conv
     # Detectron2's builder froze the first FREEZE_AT stages; freeze again so that a replaced
     # conv in a frozen stage is frozen too (FrozenBN, no gradient).
     bottom_up.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return resnet_fpn(cfg, bottom_up)
