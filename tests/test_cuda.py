@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 LOW_THRESHOLDS = {
     "MODEL.SOLO.SCORE_THRESH_TEST": 0.0,
-    "MODEL.SOLO.MASK_THRESH_TEST": 0.3,
+    "MODEL.SOLO.MASK_THRESH_TEST": 0.0,  # after 5 iterations masks are ~0.01: keep every candidate
     "MODEL.SOLO.UPDATE_THRESH_TEST": 0.0,
     "MODEL.SOLO.MAX_PER_IMAGE": 10,
 }

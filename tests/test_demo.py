@@ -9,6 +9,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 from detectron2.modeling import build_model
 
 import solo_d2
@@ -119,12 +120,13 @@ def test_demo_video(demo_module, tmp_path):
     assert frames == 3
 
 
-def test_confidence_threshold_lowers_the_model_thresholds():
+def test_confidence_threshold_lowers_the_model_thresholds(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
     cfg = setup_demo_cfg(TINY_CONFIG, ["MODEL.DEVICE", "cpu"], confidence_threshold=0.02)
     assert cfg.MODEL.SOLO.SCORE_THRESH_TEST == 0.02 and cfg.MODEL.SOLO.UPDATE_THRESH_TEST == 0.02
     cfg = setup_demo_cfg(TINY_CONFIG, [], confidence_threshold=0.9)
     assert cfg.MODEL.SOLO.SCORE_THRESH_TEST == 0.1 and cfg.MODEL.SOLO.UPDATE_THRESH_TEST == 0.05
-    assert cfg.MODEL.DEVICE == "cpu"  # no CUDA here: falls back
+    assert cfg.MODEL.DEVICE == "cpu"  # the config says cuda; without CUDA it falls back
 
 
 def test_visualize_dataset_side_by_side(tiny_dataset, tmp_path):
