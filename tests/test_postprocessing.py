@@ -177,3 +177,29 @@ def test_masks_of_another_size_are_resized_to_the_finest():
     expected = torch.nn.functional.interpolate(coarse[None, None], size=(16, 16), mode="bilinear")[0, 0]
     expected = torch.nn.functional.interpolate(expected[None, None], size=(64, 64), mode="bilinear")[0, 0] > 0.5
     assert torch.equal(out.pred_masks[0], expected)
+
+
+def test_many_candidates_are_rescored_in_chunks_with_the_same_result(monkeypatch):
+    # More candidates than nms_pre: they are rescored a chunk at a time (never more than a chunk
+    # of masks formed at once), then only the nms_pre kept are formed again; the result equals
+    # rescoring all of them at once.
+    g = torch.Generator().manual_seed(0)
+    cate = [torch.randn(3, 6, 6, generator=g) * 2, torch.randn(3, 4, 4, generator=g) * 2]
+    feats = [torch.randn(36, 16, 16, generator=g) * 3, torch.randn(16, 8, 8, generator=g) * 3]
+    calls = []
+
+    def mask_fn(level, cells):
+        calls.append(len(cells))
+        return feats[level][cells].sigmoid()
+
+    pp = _postprocessor(nms_pre=20, score_thresh=0.05, update_thresh=0.0, max_per_image=50)
+    monkeypatch.setattr(SOLOPostProcessor, "RESCORE_CHUNK", 1000)  # all at once
+    whole = pp(cate, mask_fn, (16, 16), (64, 64), (64, 64), (64, 64))
+    assert max(calls) > 20  # more candidates than nms_pre on a level: the chunked path below
+    calls.clear()
+    monkeypatch.setattr(SOLOPostProcessor, "RESCORE_CHUNK", 7)
+    chunked = pp(cate, mask_fn, (16, 16), (64, 64), (64, 64), (64, 64))
+    assert max(calls) <= 20 and len(chunked) > 0
+    assert torch.equal(chunked.pred_classes, whole.pred_classes)
+    assert torch.equal(chunked.scores, whole.scores)
+    assert torch.equal(chunked.pred_masks, whole.pred_masks)

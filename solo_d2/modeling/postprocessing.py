@@ -199,28 +199,26 @@ class SOLOPostProcessor:
             row, cls = row[top], cls[top]
         levels, cells = level_of[row], cell_of[row]
 
-        # Their soft masks, at the finest mask resolution, grouped by level (a stable sort keeps
-        # the score order within a level), concatenated without a scatter.
-        by_level = levels.sort(stable=True).indices
-        scores, cls, levels, cells = scores[by_level], cls[by_level], levels[by_level], cells[by_level]
-        parts = [scores.new_zeros((0, *mask_size))]
-        start = 0
-        for level, count in zip(*[x.tolist() for x in torch.unique_consecutive(levels, return_counts=True)]):
-            m = mask_fn(level, cells[start : start + count]).float()
-            if m.shape[-2:] != tuple(mask_size):
-                m = F.interpolate(m[:, None], size=mask_size, mode="bilinear")[:, 0]
-            parts.append(m)
-            start += count
-        soft = torch.cat(parts)
+        if scores.numel() > self.nms_pre:
+            # More candidates than nms_pre: rescore them a chunk at a time without keeping their
+            # masks (all of them at once can take gigabytes), keep the nms_pre best, and form
+            # only their masks below. Same result as rescoring all of them at once.
+            chunk = self.RESCORE_CHUNK
+            parts = [
+                self._rescore(scores[i : i + chunk], levels[i : i + chunk], cells[i : i + chunk],
+                              mask_fn, mask_size)
+                for i in range(0, scores.numel(), chunk)
+            ]
+            rescored = torch.cat([r for r, _, _ in parts])
+            top = torch.cat([k for _, k, _ in parts]).nonzero().squeeze(1)
+            top = top[rescored[top].sort(descending=True, stable=True).indices[: self.nms_pre]]
+            scores, cls, levels, cells = scores[top], cls[top], levels[top], cells[top]
+        scores, kept, soft = self._rescore(scores, levels, cells, mask_fn, mask_size, keep_masks=True)
         binary = soft > self.mask_thresh
-        area = binary.sum(dim=(1, 2)).to(scores.dtype)
-        min_areas = torch.as_tensor(self.min_areas, device=device, dtype=scores.dtype)[levels]
-        maskness = (soft * binary).sum(dim=(1, 2)) / area.clamp(min=1)
-        scores = scores * maskness
 
         # Indices into the candidates are composed; the big mask tensors are gathered once.
         # The reference's pre-NMS top-k: after the area filter and maskness rescoring.
-        idx = (area > min_areas).nonzero().squeeze(1)
+        idx = kept.nonzero().squeeze(1)
         idx = idx[scores[idx].sort(descending=True, stable=True).indices][: self.nms_pre]
         scores, cls = scores[idx], cls[idx]
         scores = matrix_nms(binary[idx], cls, scores, self.nms_kernel, self.nms_sigma)
@@ -236,6 +234,37 @@ class SOLOPostProcessor:
         result.pred_classes = cls.long()
         result.pred_boxes = Boxes(masks_to_boxes(masks))
         return result
+
+    #: candidates whose masks are formed at once when more than ``nms_pre`` must be rescored
+    RESCORE_CHUNK = 256
+
+    def _rescore(self, scores, levels, cells, mask_fn, mask_size, keep_masks=False):
+        """Area filter and maskness rescoring of candidates (any order of levels).
+
+        Returns ``(rescored, kept, soft)``: (K,) scores times maskness; (K,) bool, False where
+        the binary mask's area is <= its level's minimum area (dropped); and the (K, H_0, W_0)
+        float soft masks in the candidates' order when ``keep_masks``, else None.
+        """
+        # Masks grouped by level (a stable sort keeps the order within a level), then put back.
+        by_level = levels.sort(stable=True).indices
+        parts = [scores.new_zeros((0, *mask_size))]
+        sorted_levels, sorted_cells = levels[by_level], cells[by_level]
+        start = 0
+        for level, count in zip(
+            *[x.tolist() for x in torch.unique_consecutive(sorted_levels, return_counts=True)]
+        ):
+            m = mask_fn(level, sorted_cells[start : start + count]).float()
+            if m.shape[-2:] != tuple(mask_size):
+                m = F.interpolate(m[:, None], size=mask_size, mode="bilinear")[:, 0]
+            parts.append(m)
+            start += count
+        soft = scores.new_empty((scores.numel(), *mask_size))
+        soft[by_level] = torch.cat(parts)
+        binary = soft > self.mask_thresh
+        area = binary.sum(dim=(1, 2)).to(scores.dtype)
+        min_areas = torch.as_tensor(self.min_areas, device=scores.device, dtype=scores.dtype)
+        maskness = (soft * binary).sum(dim=(1, 2)) / area.clamp(min=1)
+        return scores * maskness, area > min_areas[levels], (soft if keep_masks else None)
 
     def paste_masks(self, soft, padded_size, image_size, output_size, chunk: int = 16):
         """(R, H0, W0) soft masks -> (R, height, width) bool: upsample to the padded input,
