@@ -360,3 +360,27 @@ def test_mismatched_shapes_are_reported_per_key_and_skipped(tiny_model, tmp_path
     for k, v in model.state_dict().items():
         if k not in mismatched:
             assert torch.equal(v, src[k]), k
+
+
+def test_atomic_write_leaves_a_live_writers_temp_file_and_removes_a_dead_ones(tmp_path):
+    # Two processes writing one path (two ranks generating the shapes dataset): neither may delete
+    # the other's temp file as stale, or the other's rename fails. A dead writer's file goes.
+    import subprocess
+    import sys
+
+    from solo_d2.utils.file_io import atomic_write
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        live_tmp = tmp_path / f".a.json.tmp-{live.pid}"
+        dead_tmp = tmp_path / f".a.json.tmp-{dead.pid}"
+        live_tmp.write_text("half written")
+        dead_tmp.write_text("left by a kill")
+        atomic_write(tmp_path / "a.json", lambda f: f.write(b"{}"))
+        assert (tmp_path / "a.json").read_text() == "{}"
+        assert live_tmp.exists() and not dead_tmp.exists()
+    finally:
+        live.kill()
+        live.wait()

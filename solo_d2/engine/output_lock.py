@@ -24,7 +24,6 @@ the pid and the host of the run that holds it.
 """
 import atexit
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ import socket
 import sys
 import time
 from typing import Optional
+
+from ..utils.file_io import pid_alive
 
 __all__ = ["OutputDirLock", "OutputDirBusyError", "output_dir_lock", "LOCK_NAME"]
 
@@ -42,20 +43,6 @@ LOCK_NAME = ".solo_d2.lock"
 
 class OutputDirBusyError(RuntimeError):
     """Another live process holds the lock of the output folder."""
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    except OSError as e:
-        return e.errno != errno.ESRCH
-    return True
 
 
 class OutputDirLock:
@@ -114,7 +101,7 @@ class OutputDirLock:
                     f"{self.path}). Use another OUTPUT_DIR, or delete the lock file if that run "
                     "is over."
                 )
-            if isinstance(pid, int) and _pid_alive(pid):
+            if isinstance(pid, int) and pid_alive(pid):
                 raise OutputDirBusyError(
                     f"OUTPUT_DIR {self.output_dir} is in use by {info.get('what', 'another run')} "
                     f"(pid {pid} on host {host}, started {info.get('started', '?')}: "
