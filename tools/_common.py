@@ -12,7 +12,20 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-__all__ = ["REPO", "load_cfg", "is_solo", "calibrate_frozen_bn", "force_candidates"]
+__all__ = ["REPO", "config_parser", "load_cfg", "is_solo", "calibrate_frozen_bn", "force_candidates"]
+
+
+def config_parser(doc: str, threads: int = 2):
+    """An ``argparse`` parser for a tool that runs one config: ``--config-file`` (required),
+    ``--threads`` and trailing ``KEY VALUE`` config overrides (``opts``); ``doc`` is shown as
+    the description."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    return p
 
 
 def load_cfg(config_file=None, opts=(), model_zoo=None, device=None):

@@ -10,14 +10,13 @@ Random weights (``MODEL.WEIGHTS`` is ignored), thresholds as in the config unles
 prints the median and range of ``--repeats`` timed runs after ``--warmup`` runs, for each mode,
 alternating the modes, and how many instances each mode returned per image.
 """
-import argparse
 import statistics
 import sys
 import time
 
-import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
 import numpy as np
 import torch
+from _common import config_parser, load_cfg
 
 
 def joint_inference(model, batched_inputs):
@@ -29,20 +28,17 @@ def joint_inference(model, batched_inputs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True)
+    p = config_parser(__doc__)
     p.add_argument("--sizes", nargs="+", default=["256x256", "256x192", "192x256", "224x224"],
                    help="HxW of each image of the batch")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = p.parse_args(argv)
 
     from solo_d2.engine import Trainer
 
     torch.set_num_threads(args.threads)
-    cfg = _common.load_cfg(args.config_file, args.opts, device="cpu")
+    cfg = load_cfg(args.config_file, args.opts, device="cpu")
     torch.manual_seed(0)
     model = Trainer.build_model(cfg).eval()
     rng = np.random.default_rng(0)

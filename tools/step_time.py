@@ -10,23 +10,19 @@ forward and losses, backward, the finite-loss check and metric writing, and the 
 (``DATALOADER.NUM_WORKERS 0``), so the figure excludes data loading; the trainer's "time" in its
 log includes it. Prints the median and range over ``--steps`` steps after ``--warmup`` steps.
 """
-import argparse
 import logging
 import statistics
 import time
 
 import torch
 
-from _common import load_cfg
+from _common import config_parser, load_cfg
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True)
+    p = config_parser(__doc__)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = p.parse_args(argv)
 
     from detectron2.data import build_detection_train_loader
