@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
-__all__ = ["LevelTargets", "SOLOTargetGenerator"]
+__all__ = ["LevelTargets", "SOLOTargetGenerator", "assign_cells"]
 
 
 @dataclass
@@ -201,32 +201,8 @@ class SOLOTargetGenerator:
     ):
         """``masks``: one (I_b, h_b, w_b) bool tensor per image that has instances; n images."""
         device = classes.device
-        hc, wc = canvas
         idx = on_level.nonzero().squeeze(1)  # instances of this level, in annotation order
-        # Centre cell and centre region (in cells), clipped to one cell around the centre.
-        ci = (cy[idx] * s / hc).floor().long().clamp(0, s - 1)
-        cj = (cx[idx] * s / wc).floor().long().clamp(0, s - 1)
-        half_h = 0.5 * self.sigma * bh[idx]
-        half_w = 0.5 * self.sigma * bw[idx]
-        top = ((cy[idx] - half_h) * s / hc).floor().long().clamp(min=0)
-        down = ((cy[idx] + half_h) * s / hc).floor().long().clamp(max=s - 1)
-        left = ((cx[idx] - half_w) * s / wc).floor().long().clamp(min=0)
-        right = ((cx[idx] + half_w) * s / wc).floor().long().clamp(max=s - 1)
-        top = torch.maximum(top, ci - 1)
-        down = torch.minimum(down, ci + 1)
-        left = torch.maximum(left, cj - 1)
-        right = torch.minimum(right, cj + 1)
-
-        grid = torch.arange(s, device=device)
-        in_rows = (grid[None] >= top[:, None]) & (grid[None] <= down[:, None])  # (I_l, S)
-        in_cols = (grid[None] >= left[:, None]) & (grid[None] <= right[:, None])
-        pos = (in_rows[:, :, None] & in_cols[:, None, :]).view(idx.numel(), s * s)
-        inst_of_pos, cell_of_pos = pos.nonzero(as_tuple=True)
-
-        # Owner of each (image, cell): the latest instance claiming it ("later one wins").
-        key = img_of[idx][inst_of_pos] * (s * s) + cell_of_pos
-        owner = torch.full((n * s * s,), -1, dtype=torch.int64, device=device)
-        owner.scatter_reduce_(0, key, idx[inst_of_pos], reduce="amax")
+        owner, _, _ = assign_cells(s, self.sigma, canvas, n, idx, img_of, cx, cy, bw, bh)
         labels = torch.full((n * s * s,), self.num_classes, dtype=torch.int64, device=device)
         has = owner >= 0
         labels[has] = classes[owner[has]]
@@ -248,6 +224,53 @@ class SOLOTargetGenerator:
             pos_inst=pos_inst.view(-1),
             masks=torch.cat(resized),
         )
+
+
+def assign_cells(s, sigma, canvas, n, idx, img_of, cx, cy, bw, bh):
+    """Which instance owns each cell of one level's S x S grid (the assignment rule above).
+
+    Args:
+        s: grid number S.
+        sigma: centre-region factor.
+        canvas: (Hc, Wc) of the padded canvas the grid divides: numbers, or two (I,) float
+            tensors giving each instance's own canvas (one image per canvas, as in analysis).
+        n: number of images.
+        idx: (I_l,) int64, the instances on this level, in annotation order (ascending).
+        img_of, cx, cy, bw, bh: (I,) per instance of the batch: image index (int64), mass
+            centre x / y (pixel-index coordinates) and box width / height (input pixels).
+    Returns:
+        owner: (n * S * S,) int64, the instance (index into the (I,) arrays) owning each
+            (image, cell) key ``image * S * S + cell``, -1 where none ("later one wins").
+        inst_of_pos: (P,) int64 and cell_of_pos: (P,) int64: every cell each instance of
+            ``idx`` would be positive on alone, as (row of ``idx``, cell index i * S + j).
+    """
+    device = img_of.device
+    hc, wc = (c[idx] if torch.is_tensor(c) else c for c in canvas)
+    # Centre cell and centre region (in cells), clipped to one cell around the centre.
+    ci = (cy[idx] * s / hc).floor().long().clamp(0, s - 1)
+    cj = (cx[idx] * s / wc).floor().long().clamp(0, s - 1)
+    half_h = 0.5 * sigma * bh[idx]
+    half_w = 0.5 * sigma * bw[idx]
+    top = ((cy[idx] - half_h) * s / hc).floor().long().clamp(min=0)
+    down = ((cy[idx] + half_h) * s / hc).floor().long().clamp(max=s - 1)
+    left = ((cx[idx] - half_w) * s / wc).floor().long().clamp(min=0)
+    right = ((cx[idx] + half_w) * s / wc).floor().long().clamp(max=s - 1)
+    top = torch.maximum(top, ci - 1)
+    down = torch.minimum(down, ci + 1)
+    left = torch.maximum(left, cj - 1)
+    right = torch.minimum(right, cj + 1)
+
+    grid = torch.arange(s, device=device)
+    in_rows = (grid[None] >= top[:, None]) & (grid[None] <= down[:, None])  # (I_l, S)
+    in_cols = (grid[None] >= left[:, None]) & (grid[None] <= right[:, None])
+    pos = (in_rows[:, :, None] & in_cols[:, None, :]).view(idx.numel(), s * s)
+    inst_of_pos, cell_of_pos = pos.nonzero(as_tuple=True)
+
+    # Owner of each (image, cell): the latest instance claiming it ("later one wins").
+    key = img_of[idx][inst_of_pos] * (s * s) + cell_of_pos
+    owner = torch.full((n * s * s,), -1, dtype=torch.int64, device=device)
+    owner.scatter_reduce_(0, key, idx[inst_of_pos], reduce="amax")
+    return owner, inst_of_pos, cell_of_pos
 
 
 def _extent(any_mask: torch.Tensor) -> torch.Tensor:
