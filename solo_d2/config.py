@@ -63,6 +63,10 @@ def add_solo_config(cfg):
     # Centre-region factor: a GT is positive in the cells covered by centre +- 0.5 * SIGMA * (w, h),
     # clipped to one cell around the centre cell (1 to 9 positive cells per level).
     _C.MODEL.SOLO.SIGMA = 0.2
+    # How a level's feature is brought to the S x S category grid (the SOLO paper's three ways):
+    # "bilinear" (sampled at each cell's centre; the reference), "adaptive_pool" (max over the
+    # cell's region) or "region_grid" (mean of bilinear samples on a grid of points in the cell).
+    _C.MODEL.SOLO.CATE_ALIGN = "bilinear"
 
     # Head (solo_d2.modeling.heads): "SOLOHead" (vanilla, S^2 mask channels per level),
     # "DecoupledSOLOHead" (published Decoupled SOLO: separate X / Y towers, S + S channels),

@@ -123,11 +123,21 @@ def main(argv=None):
     p.add_argument("--points", type=int, default=4)
     p.add_argument("--output", default="output/equal_time")
     p.add_argument("--plot", default="docs/ap_vs_time.png")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--train-json", help="train on this COCO json (registered as custom_train)")
+    p.add_argument("--train-images", help="folder of --train-json's images (default: the json's folder)")
+    p.add_argument("--val-json", help="evaluate on this COCO json (registered as custom_val)")
+    p.add_argument("--val-images", help="folder of --val-json's images (default: the json's folder)")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args(argv)
+    if args.train_json or args.val_json:
+        from solo_d2.data.coco_json import register_custom_datasets
+
+        args.opts = register_custom_datasets(
+            args.train_json, args.train_images, args.val_json, args.val_images) + args.opts
     setup_logger(name="equal_time")
     setup_logger()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.output)
     solo = solo_cfg(args.config_file, args.opts)
     cfgs = {

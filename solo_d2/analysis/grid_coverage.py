@@ -52,6 +52,7 @@ __all__ = [
     "object_geometry",
     "grid_coverage",
     "grid_coverage_from_cfg",
+    "log_grid_coverage",
     "train_sizes",
     "level_strides",
 ]
@@ -275,12 +276,14 @@ class GridCoverage:
             )
         cells = sum(self.cells_level)
         pos = self.num_objects - self.cause1 - self.cause2
+        def total(n):
+            return f"{n} ({self.pct(n):.1f}%)"
+
         lines += [
-            f"total: assigned {cell(self.assigned, self.num_objects).strip()}, "
-            f"lost by (1) no level's scale range {cell(self.cause1, self.num_objects).strip()}, "
-            f"(2) cells taken by later objects {cell(self.cause2, self.num_objects).strip()}, "
-            f"(3) cell too large for the object {cell(self.cause3, self.num_objects).strip()}; "
-            f"positive cells per positive object {cells / pos if pos else 0.0:.2f}",
+            f"total: assigned {total(self.assigned)}; lost by (1) no level's scale range "
+            f"{total(self.cause1)}, (2) cells taken by later objects {total(self.cause2)}, "
+            f"(3) cell too large for the object {total(self.cause3)}; positive cells per "
+            f"positive object {cells / pos if pos else 0.0:.2f}",
         ]
         if self.num_objects:
             lines.append(
@@ -461,3 +464,24 @@ def grid_coverage_from_cfg(cfg, geometry: ObjectGeometry, size_divisibility: int
         geometry, sc.NUM_GRIDS, sc.SCALE_RANGES, train_sizes(cfg), cfg.INPUT.MAX_SIZE_TRAIN,
         sigma=sc.SIGMA, size_divisibility=size_divisibility,
     )
+
+
+def log_grid_coverage(cfg, dataset_dicts: Sequence[dict], logger, threshold: float = 5.0):
+    """Log the grid coverage of a SOLO config's training data (one table, INFO) and a WARNING
+    for each loss cause above ``threshold`` percent of the objects; returns the
+    :class:`GridCoverage`, or None for a model that is not SOLO (no grids) or dataset dicts
+    without image sizes (logged)."""
+    if cfg.MODEL.META_ARCHITECTURE != "SOLO":
+        return None
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        cov = grid_coverage_from_cfg(cfg, object_geometry(dataset_dicts))
+    except ValueError as e:
+        logger.warning(f"grid coverage of the training data not computed: {e}")
+        return None
+    logger.info(f"{cov.table()}\n(computed in {time.perf_counter() - t0:.2f} s; tools/analyze_dataset.py draws the histogram and suggests grids)")
+    for w in cov.warnings(threshold):
+        logger.warning(w)
+    return cov

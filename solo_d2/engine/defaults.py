@@ -11,7 +11,9 @@
 - ``SOLVER.OPTIMIZER`` (SGD or AdamW) and ``SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM`` (clips the L2
   norm of all gradients together, as the reference does; Detectron2 clips per parameter);
 - the evaluator is COCO's, for both ``segm`` and ``bbox``;
-- ``MODEL.SOLO.NUM_CLASSES`` is checked against the training data once it is loaded;
+- ``MODEL.SOLO.NUM_CLASSES`` is checked against the training data once it is loaded, and the
+  grid coverage of that data (which objects the grids lose, and why) is logged, with a warning
+  per loss cause above 5% (:func:`solo_d2.analysis.grid_coverage.log_grid_coverage`);
 - the data loaders' mapper names the image file in its errors;
 - checkpoints are written atomically and loaded with ``weights_only=True``
   (:class:`solo_d2.checkpoint.SafeDetectionCheckpointer`);
@@ -39,6 +41,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from ..analysis.grid_coverage import log_grid_coverage
 from ..checkpoint import SafeDetectionCheckpointer
 from ..config import get_solo_cfg
 from ..data.checks import check_num_classes
@@ -187,6 +190,8 @@ class Trainer(DefaultTrainer):
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        if comm.is_main_process():  # which objects the grids lose (solo_d2/analysis)
+            log_grid_coverage(cfg, dataset, logger)
         sampler = None
         if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
             seed = int(cfg.SEED) if cfg.SEED >= 0 else comm.shared_random_seed()

@@ -32,6 +32,9 @@ from .layers import DeformConv3x3, coord_features
 
 __all__ = ["SOLO_HEAD_REGISTRY", "BaseSOLOHead", "SOLOHead", "build_solo_head"]
 
+#: Values of ``MODEL.SOLO.CATE_ALIGN`` (:meth:`BaseSOLOHead.cate_input`).
+CATE_ALIGN_MODES = ("bilinear", "adaptive_pool", "region_grid")
+
 SOLO_HEAD_REGISTRY = Registry("SOLO_HEAD")
 SOLO_HEAD_REGISTRY.__doc__ = """
 Registry for SOLO heads, selected by ``MODEL.SOLO.HEAD_TYPE``. A head is called with
@@ -114,6 +117,7 @@ class BaseSOLOHead(nn.Module):
         prior_prob: float = 0.01,
         mask_prior_prob: float = 0.0,
         tower_init: str = "normal",
+        cate_align: str = "bilinear",
     ):
         """
         Args:
@@ -133,6 +137,8 @@ class BaseSOLOHead(nn.Module):
             tower_init: initialisation of the towers' 3x3 convs: "normal" (N(0, 0.01), the
                 reference) or "msra" (He init, Detectron2's ``c2_msra_fill``). The output convs
                 are N(0, 0.01) with the prior biases either way.
+            cate_align: how a level's feature is brought to the S x S category grid
+                (:meth:`cate_input`): "bilinear", "adaptive_pool" or "region_grid".
         """
         super().__init__()
         self.num_classes = num_classes
@@ -144,6 +150,11 @@ class BaseSOLOHead(nn.Module):
             )
         if tower_init not in ("normal", "msra"):
             raise ValueError(f"MODEL.SOLO.TOWER_INIT = {tower_init!r}: expected 'normal' or 'msra'")
+        if cate_align not in CATE_ALIGN_MODES:
+            raise ValueError(
+                f"MODEL.SOLO.CATE_ALIGN = {cate_align!r}: expected one of {', '.join(CATE_ALIGN_MODES)}"
+            )
+        self.cate_align = cate_align
         for name, p in (("PRIOR_PROB", prior_prob), ("MASK_PRIOR_PROB", mask_prior_prob)):
             if not (0.0 < p < 1.0 or (name == "MASK_PRIOR_PROB" and p == 0.0)):
                 raise ValueError(f"MODEL.SOLO.{name} = {p} must be in (0, 1)")
@@ -171,6 +182,7 @@ class BaseSOLOHead(nn.Module):
             "prior_prob": cfg.MODEL.SOLO.PRIOR_PROB,
             "mask_prior_prob": cfg.MODEL.SOLO.MASK_PRIOR_PROB,
             "tower_init": cfg.MODEL.SOLO.TOWER_INIT,
+            "cate_align": cfg.MODEL.SOLO.CATE_ALIGN,
         }
 
     def _init_weights(self, prior_prob: float, mask_prior_prob: float, tower_init: str):
@@ -262,9 +274,30 @@ class BaseSOLOHead(nn.Module):
         cate_logits, mask_feats = [], []
         for level, (feat, s) in enumerate(zip(feats, self.num_grids)):
             mask_feats.append(self.mask_forward(feat, level))
-            cate_feat = F.interpolate(feat, size=(s, s), mode="bilinear")
+            cate_feat = self.cate_input(feat, s)
             cate_logits.append(self.cate_pred(self.cate_tower(cate_feat)))
         return cate_logits, mask_feats
+
+    def cate_input(self, feat: torch.Tensor, s: int) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, S, S): the level's feature aligned to the category grid, the
+        three ways of the SOLO paper's ablation (``MODEL.SOLO.CATE_ALIGN``):
+
+        - "bilinear": bilinear interpolation (align_corners=False): each cell's feature is the
+          feature sampled at the cell's centre (the reference);
+        - "adaptive_pool": 2D adaptive max-pooling of the H x W feature to S x S (each cell the
+          maximum over the feature pixels its region overlaps);
+        - "region_grid": region-grid interpolation: each cell's feature is the average of
+          bilinear samples on a regular k x k grid of points inside the cell (the centres of its
+          k x k sub-cells), k = ceil(max(H, W) / S) so the points are at least as dense as the
+          feature pixels; computed as bilinear interpolation to (kS, kS) then k x k average
+          pooling.
+        """
+        if self.cate_align == "bilinear":
+            return F.interpolate(feat, size=(s, s), mode="bilinear")
+        if self.cate_align == "adaptive_pool":
+            return F.adaptive_max_pool2d(feat, (s, s))
+        k = max(1, math.ceil(max(feat.shape[-2:]) / s))
+        return F.avg_pool2d(F.interpolate(feat, size=(k * s, k * s), mode="bilinear"), k)
 
     @staticmethod
     def resize_features(features: List[torch.Tensor]) -> List[torch.Tensor]:
