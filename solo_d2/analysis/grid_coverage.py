@@ -35,6 +35,7 @@ Per level: objects on the level, objects positive on it (owning >= 1 cell), thos
 cell there (cause 2 on that level), those positive only on cells that miss them (cause 3 on that
 level) and the positive cells per positive object.
 """
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
@@ -56,10 +57,6 @@ __all__ = [
     "train_sizes",
     "level_strides",
 ]
-
-#: Images per chunk of the owner table (n * S * S int64 entries).
-_CHUNK_IMAGES = 2048
-
 
 @dataclass
 class ObjectGeometry:
@@ -96,15 +93,15 @@ def _polygon_centres(polys_per_ann: List[list]) -> Tuple[np.ndarray, np.ndarray,
     flat, poly_len, poly_ann = [], [], []
     for a, polys in enumerate(polys_per_ann):
         for p in polys:
-            if len(p) >= 6:
+            if len(p) >= 6 and len(p) % 2 == 0:
                 flat.append(p)
                 poly_len.append(len(p) // 2)
                 poly_ann.append(a)
     n = len(polys_per_ann)
     if not flat:
         return np.zeros(n), np.zeros(n), np.zeros(n)
-    xy = np.fromiter((v for p in flat for v in p[: 2 * (len(p) // 2)]), dtype=np.float64)
-    xy = xy.reshape(-1, 2)
+    total = 2 * sum(poly_len)
+    xy = np.fromiter(itertools.chain.from_iterable(flat), dtype=np.float64, count=total).reshape(-1, 2)
     lengths = np.asarray(poly_len)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     nxt = np.arange(len(xy)) + 1
@@ -396,36 +393,19 @@ def grid_coverage(
             s = int(s)
             on = (obj_scale >= lo) & (obj_scale <= hi)
             on_any |= on
-            owned = torch.zeros(a, dtype=torch.long)
+            idx = on.nonzero().squeeze(1)
+            inst_of_pos, cell, owner_of_pos = assign_cells(s, sigma, (hc, wc), idx, img, cx, cy, bw, bh)
+            inst = idx[inst_of_pos]
+            won = owner_of_pos == inst
+            inst, cell = inst[won], cell[won]
+            owned = torch.bincount(inst, minlength=a)
+            # Category sample point of each owned cell: the cell centre (continuous coords).
+            py = (torch.div(cell, s, rounding_mode="floor").float() + 0.5) * hc[inst] / s
+            px = ((cell % s).float() + 0.5) * wc[inst] / s
+            dy = (py - (cy[inst] + 0.5)) / (bh[inst] / 2)
+            dx = (px - (cx[inst] + 0.5)) / (bw[inst] / 2)
             hit = torch.zeros(a, dtype=torch.bool)
-            # Chunks of images bound the owner table (n * S * S entries).
-            bounds = np.searchsorted(geometry.img, np.arange(0, n_img + _CHUNK_IMAGES, _CHUNK_IMAGES))
-            for c in range(len(bounds) - 1):
-                a0, a1 = int(bounds[c]), int(bounds[c + 1])
-                if a0 == a1:
-                    continue
-                sl = slice(a0, a1)
-                first_img = int(geometry.img[a0])
-                local_img = img[sl] - first_img
-                n_local = int(local_img[-1]) + 1
-                idx = on[sl].nonzero().squeeze(1)
-                owner, inst_of_pos, cell_of_pos = assign_cells(
-                    s, sigma, (hc[sl], wc[sl]), n_local, idx, local_img, cx[sl], cy[sl], bw[sl], bh[sl]
-                )
-                inst = idx[inst_of_pos]
-                key = local_img[inst] * (s * s) + cell_of_pos
-                won = owner[key] == inst
-                inst, cell = inst[won], cell_of_pos[won]
-                owned[sl] += torch.bincount(inst, minlength=a1 - a0)
-                # Category sample point of each owned cell: the cell centre (continuous coords).
-                py = (torch.div(cell, s, rounding_mode="floor").float() + 0.5) * hc[sl][inst] / s
-                px = ((cell % s).float() + 0.5) * wc[sl][inst] / s
-                dy = (py - (cy[sl][inst] + 0.5)) / (bh[sl][inst] / 2)
-                dx = (px - (cx[sl][inst] + 0.5)) / (bw[sl][inst] / 2)
-                inside = dx * dx + dy * dy < 1
-                hit_local = torch.zeros(a1 - a0, dtype=torch.bool)
-                hit_local[inst[inside]] = True
-                hit[sl] |= hit_local
+            hit[inst[dx * dx + dy * dy < 1]] = True
             pos = owned > 0
             pos_any |= pos
             hit_any |= hit

@@ -202,7 +202,11 @@ class SOLOTargetGenerator:
         """``masks``: one (I_b, h_b, w_b) bool tensor per image that has instances; n images."""
         device = classes.device
         idx = on_level.nonzero().squeeze(1)  # instances of this level, in annotation order
-        owner, _, _ = assign_cells(s, self.sigma, canvas, n, idx, img_of, cx, cy, bw, bh)
+        inst_of_pos, cell_of_pos, owner_of_pos = assign_cells(
+            s, self.sigma, canvas, idx, img_of, cx, cy, bw, bh
+        )
+        owner = torch.full((n * s * s,), -1, dtype=torch.int64, device=device)
+        owner[img_of[idx][inst_of_pos] * (s * s) + cell_of_pos] = owner_of_pos
         labels = torch.full((n * s * s,), self.num_classes, dtype=torch.int64, device=device)
         has = owner >= 0
         labels[has] = classes[owner[has]]
@@ -226,7 +230,7 @@ class SOLOTargetGenerator:
         )
 
 
-def assign_cells(s, sigma, canvas, n, idx, img_of, cx, cy, bw, bh):
+def assign_cells(s, sigma, canvas, idx, img_of, cx, cy, bw, bh):
     """Which instance owns each cell of one level's S x S grid (the assignment rule above).
 
     Args:
@@ -234,15 +238,16 @@ def assign_cells(s, sigma, canvas, n, idx, img_of, cx, cy, bw, bh):
         sigma: centre-region factor.
         canvas: (Hc, Wc) of the padded canvas the grid divides: numbers, or two (I,) float
             tensors giving each instance's own canvas (one image per canvas, as in analysis).
-        n: number of images.
         idx: (I_l,) int64, the instances on this level, in annotation order (ascending).
         img_of, cx, cy, bw, bh: (I,) per instance of the batch: image index (int64), mass
             centre x / y (pixel-index coordinates) and box width / height (input pixels).
     Returns:
-        owner: (n * S * S,) int64, the instance (index into the (I,) arrays) owning each
-            (image, cell) key ``image * S * S + cell``, -1 where none ("later one wins").
         inst_of_pos: (P,) int64 and cell_of_pos: (P,) int64: every cell each instance of
-            ``idx`` would be positive on alone, as (row of ``idx``, cell index i * S + j).
+            ``idx`` would be positive on alone, as (row of ``idx``, cell index i * S + j),
+            sorted by (instance, cell).
+        owner_of_pos: (P,) int64: the instance (index into the (I,) arrays) that owns that
+            cell of that instance's image: the latest instance claiming it ("later one wins").
+            The instance is positive on the cell iff ``owner_of_pos == idx[inst_of_pos]``.
     """
     device = img_of.device
     hc, wc = (c[idx] if torch.is_tensor(c) else c for c in canvas)
@@ -260,17 +265,20 @@ def assign_cells(s, sigma, canvas, n, idx, img_of, cx, cy, bw, bh):
     left = torch.maximum(left, cj - 1)
     right = torch.minimum(right, cj + 1)
 
-    grid = torch.arange(s, device=device)
-    in_rows = (grid[None] >= top[:, None]) & (grid[None] <= down[:, None])  # (I_l, S)
-    in_cols = (grid[None] >= left[:, None]) & (grid[None] <= right[:, None])
-    pos = (in_rows[:, :, None] & in_cols[:, None, :]).view(idx.numel(), s * s)
-    inst_of_pos, cell_of_pos = pos.nonzero(as_tuple=True)
+    # The region spans at most 3 x 3 cells: enumerate the 9 offsets from its top-left cell.
+    off = torch.arange(3, device=device)
+    rows = top[:, None, None] + off[None, :, None]  # (I_l, 3, 1)
+    cols = left[:, None, None] + off[None, None, :]  # (I_l, 1, 3)
+    inside = (rows <= down[:, None, None]) & (cols <= right[:, None, None])  # (I_l, 3, 3)
+    inst_of_pos, dr, dc = inside.nonzero(as_tuple=True)  # sorted by (instance, row, column)
+    cell_of_pos = (top[inst_of_pos] + dr) * s + left[inst_of_pos] + dc
 
-    # Owner of each (image, cell): the latest instance claiming it ("later one wins").
+    # Owner of each claimed (image, cell): the latest instance claiming it ("later one wins").
     key = img_of[idx][inst_of_pos] * (s * s) + cell_of_pos
-    owner = torch.full((n * s * s,), -1, dtype=torch.int64, device=device)
-    owner.scatter_reduce_(0, key, idx[inst_of_pos], reduce="amax")
-    return owner, inst_of_pos, cell_of_pos
+    keys, key_of_pos = torch.unique(key, return_inverse=True)
+    owner_of_key = torch.full((keys.numel(),), -1, dtype=torch.int64, device=device)
+    owner_of_key.scatter_reduce_(0, key_of_pos, idx[inst_of_pos], reduce="amax")
+    return inst_of_pos, cell_of_pos, owner_of_key[key_of_pos]
 
 
 def _extent(any_mask: torch.Tensor) -> torch.Tensor:
