@@ -282,3 +282,22 @@ def test_cate_align_from_config_and_bad_value():
     cfg.MODEL.SOLO.CATE_ALIGN = "nearest"
     with pytest.raises(ValueError, match="CATE_ALIGN = 'nearest'"):
         build_solo_head(cfg, shapes)
+
+
+def test_histogram_without_matplotlib_is_drawn_with_cv2(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    dicts, cfg = cause1_case()
+    cov = coverage(dicts, cfg)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    path = cov.plot(str(tmp_path / "h.png"))
+    import cv2
+
+    assert cv2.imread(path).shape == (400, 880, 3)

@@ -311,17 +311,19 @@ class GridCoverage:
         return out
 
     def plot(self, path: str) -> str:
-        """Histogram of the object scales with each level's range drawn; a PNG at ``path``."""
-        import matplotlib
+        """Histogram of the object scales with each level's range drawn; a PNG at ``path``
+        (matplotlib; a plainer cv2 drawing where matplotlib is not installed)."""
+        try:
+            import matplotlib
+        except ImportError:
+            return self._plot_cv2(path)
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
         if self.num_objects:
-            lo = max(min(self.scales.min(), min(r[0] for r in self.scale_ranges)), 0.5)
-            hi = max(self.scales.max(), 1.0) * 1.2
-            bins = np.geomspace(lo, hi, 60)
+            bins = _log_bins(min(self.scales.min(), min(r[0] for r in self.scale_ranges)), self.scales.max())
             ax.hist(self.scales, bins=bins, color="0.4")
         ax.set_xscale("log")
         ymax = ax.get_ylim()[1]
@@ -342,6 +344,32 @@ class GridCoverage:
         fig.savefig(path)
         plt.close(fig)
         return path
+
+    def _plot_cv2(self, path: str) -> str:
+        import cv2
+
+        w, h, m = 880, 400, 50
+        img = np.full((h, w, 3), 255, np.uint8)
+        lo = min([r[0] for r in self.scale_ranges] + ([self.scales.min()] if self.num_objects else []))
+        hi = max([self.scales.max()] if self.num_objects else [2.0])
+        bins = _log_bins(lo, hi)
+        counts = np.histogram(self.scales, bins=bins)[0] if self.num_objects else np.zeros(len(bins) - 1)
+        x = lambda v: int(m + (w - 2 * m) * (np.log(max(v, bins[0])) - np.log(bins[0])) / (np.log(bins[-1]) - np.log(bins[0])))
+        top = max(counts.max(), 1)
+        for c, a, b in zip(counts, bins[:-1], bins[1:]):
+            cv2.rectangle(img, (x(a), h - m - int((h - 3 * m) * c / top)), (x(b), h - m), (100, 100, 100), -1)
+        for lv, (s, (a, b)) in enumerate(zip(self.num_grids, self.scale_ranges)):
+            y = m + 12 * lv
+            colour = tuple(int(v) for v in np.random.default_rng(lv).integers(0, 200, 3))
+            cv2.line(img, (x(a), y), (x(min(b, bins[-1])), y), colour, 4)
+            cv2.putText(img, f"level {lv}: S={s}, {a:g}-{b:g}", (w - 260, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1)
+        cv2.putText(img, "object scale sqrt(w*h), input px (log)", (m, h - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+        cv2.imwrite(path, img)
+        return path
+
+
+def _log_bins(lo, hi, n=60):
+    return np.geomspace(max(lo, 0.5), max(hi, 1.0) * 1.2, n)
 
 
 def grid_coverage(
