@@ -354,7 +354,7 @@ class GridCoverage:
         hi = max([self.scales.max()] if self.num_objects else [2.0])
         bins = _log_bins(lo, hi)
         counts = np.histogram(self.scales, bins=bins)[0] if self.num_objects else np.zeros(len(bins) - 1)
-        x = lambda v: int(m + (w - 2 * m) * (np.log(max(v, bins[0])) - np.log(bins[0])) / (np.log(bins[-1]) - np.log(bins[0])))
+        x = lambda v: int(m + (w - 2 * m - 260) * (np.log(max(v, bins[0])) - np.log(bins[0])) / (np.log(bins[-1]) - np.log(bins[0])))
         top = max(counts.max(), 1)
         for c, a, b in zip(counts, bins[:-1], bins[1:]):
             cv2.rectangle(img, (x(a), h - m - int((h - 3 * m) * c / top)), (x(b), h - m), (100, 100, 100), -1)
@@ -362,7 +362,7 @@ class GridCoverage:
             y = m + 12 * lv
             colour = tuple(int(v) for v in np.random.default_rng(lv).integers(0, 200, 3))
             cv2.line(img, (x(a), y), (x(min(b, bins[-1])), y), colour, 4)
-            cv2.putText(img, f"level {lv}: S={s}, {a:g}-{b:g}", (w - 260, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1)
+            cv2.putText(img, f"level {lv}: S={s}, {a:g}-{b:g}", (w - m - 200, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1)
         cv2.putText(img, "object scale sqrt(w*h), input px (log)", (m, h - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
         cv2.imwrite(path, img)
         return path
