@@ -1,7 +1,6 @@
 """Grid coverage (solo_d2/analysis/grid_coverage.py), the grid suggestion, tools/analyze_dataset.py,
 train_net's coverage summary and MODEL.SOLO.CATE_ALIGN, on hand-built cases."""
 import json
-import math
 
 import numpy as np
 import pytest

@@ -36,9 +36,8 @@ cell there (cause 2 on that level), those positive only on cells that miss them 
 level) and the positive cells per positive object.
 """
 import itertools
-import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
