@@ -73,10 +73,13 @@ def calibrate_frozen_bn(model, image):
         h.remove()
 
 
-def force_candidates(model):
-    """Random weights -> the heaviest postprocess the config allows: SOLO's category biases at 0
-    (every cell a candidate, so NMS_PRE of them) and random mask outputs; Mask R-CNN's class
-    scores peaked, so that a few classes pass its 0.05 threshold."""
+def force_candidates(model, image=None, candidates=None):
+    """Random weights -> a realistic postprocess load. SOLO models: category biases at 0 (every
+    cell a candidate) and random mask outputs; with ``candidates`` (and the ``image`` the model
+    will see), ``SCORE_THRESH_TEST`` is then set so that exactly that many (cell, class) pairs
+    pass point NMS and the threshold on that image (without it, about every cell of every class,
+    ~300,000 at 800x1333, would go through mask formation). Mask R-CNN: class scores peaked, so
+    that a few classes pass its 0.05 threshold. Returns the SOLO score threshold set (or None)."""
     import torch
 
     if not is_solo(model):
@@ -84,7 +87,9 @@ def force_candidates(model):
             g = torch.Generator().manual_seed(1)
             bias = model.roi_heads.box_predictor.cls_score.bias
             bias.copy_(torch.randn(bias.shape, generator=g) * 3.0)
-        return
+        return None
+    if not hasattr(model.head, "cate_pred"):
+        raise AttributeError(f"{type(model.head).__name__} has no cate_pred: cannot force candidates")
     with torch.no_grad():
         model.head.cate_pred.bias.zero_()
         g = torch.Generator().manual_seed(1)
@@ -93,3 +98,21 @@ def force_candidates(model):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             else:
                 p.zero_()
+    if candidates is None:
+        return None
+    from solo_d2.modeling.postprocessing import point_nms
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        with model.inference_autocast():
+            feats = model.run_backbone(images.tensor)
+            cate, _ = model.head([feats[f] for f in model.in_features])
+        probs = torch.cat([point_nms(c[0].float().sigmoid()).flatten() for c in cate])
+    model.train(was_training)
+    if probs.numel() <= candidates:
+        raise ValueError(f"{candidates} candidates asked, the grids have {probs.numel()} (cell, class) pairs")
+    thresh = float(probs.topk(candidates + 1).values[-1])
+    model.postprocess.score_thresh = thresh
+    return thresh

@@ -15,7 +15,7 @@ products in an order (fused multiply-adds, vector lanes) that depends on the ten
 the window's values may differ from the full paste's in the last bits: where any value of a
 mask's window lies within :data:`TIE_TOLERANCE` of ``thresh``, that mask is pasted by the kernel
 itself (:func:`paste_masks_full` on that mask), so the threshold decision is always the
-kernel's. A test checks the equality on random masks, masks touching the border, odd and
+kernel's; so is a mask whose window covers most of the output (:data:`LARGE_WINDOW`). A test checks the equality on random masks, masks touching the border, odd and
 resized output sizes.
 
 Contract of both: ``soft`` (R, H0, W0) float32 probabilities in [0, 1]; returns (R, height,
@@ -32,6 +32,10 @@ __all__ = ["paste_masks_full", "paste_masks_in_boxes", "paste_masks"]
 #: with a wide margin: both compute the same weighted sums with the same weights, in float32,
 #: in an order that differs by a few roundings (measured: at most 2 ulps of 1.0, 2.4e-7).
 TIE_TOLERANCE = 1e-6
+
+#: A mask whose output window covers more than this fraction of the output is pasted by the full
+#: kernel (the window saves little there).
+LARGE_WINDOW = 0.5
 
 
 def paste_masks_full(
@@ -125,6 +129,7 @@ def paste_masks_in_boxes(
     second = (h, w) != (oh, ow)
     if second:
         rs_y, rs_x = _Linear1d(h, oh, dev), _Linear1d(w, ow, dev)  # image -> output size
+    by_kernel = []  # masks pasted by the full kernel: near-ties and large windows
     for k in range(r):
         if not has[k]:
             continue
@@ -139,8 +144,14 @@ def paste_masks_in_boxes(
             oxa, oxb = rs_x.reach(xa, xb)
             if oya > oyb or oxa > oxb:
                 continue
+            if (oyb - oya + 1) * (oxb - oxa + 1) > LARGE_WINDOW * oh * ow:
+                by_kernel.append(k)
+                continue
             ya, yb = int(rs_y.i0[oya]), int(rs_y.i1[oyb])
             xa, xb = int(rs_x.i0[oxa]), int(rs_x.i1[oxb])
+        elif (yb - ya + 1) * (xb - xa + 1) > LARGE_WINDOW * oh * ow:
+            by_kernel.append(k)
+            continue
         sy0, sy1 = int(up_y.i0[ya]), int(up_y.i1[yb])
         sx0, sx1 = int(up_x.i0[xa]), int(up_x.i1[xb])
         m = soft[k, sy0 : sy1 + 1, sx0 : sx1 + 1]
@@ -152,10 +163,13 @@ def paste_masks_in_boxes(
             ya, yb, xa, xb = oya, oyb, oxa, oxb
         if bool(((m - thresh).abs() <= TIE_TOLERANCE).any()):
             # A value within rounding distance of the threshold: the order of PyTorch's
-            # kernel's products and sums decides it; let the kernel decide (this mask only).
-            out[k] = paste_masks_full(soft[k : k + 1], padded_size, image_size, output_size, thresh)[0]
+            # kernel's products and sums decides it; let the kernel decide.
+            by_kernel.append(k)
             continue
         out[k, ya : yb + 1, xa : xb + 1] = m > thresh
+    if by_kernel:  # (the kernel's values of a mask do not depend on the masks beside it)
+        idx = torch.tensor(by_kernel, device=dev)
+        out[idx] = paste_masks_full(soft[idx], padded_size, image_size, output_size, thresh)
     return out
 
 
