@@ -27,7 +27,9 @@ for SOLO models the category bias is set to 0 and the mask output weights are re
 ``--candidates`` (cell, class) pairs pass point NMS and the threshold: with the default 500
 (``NMS_PRE``), 500 candidates enter mask formation, maskness and Matrix NMS, and
 ``MAX_PER_IMAGE`` (100) masks are pasted at full resolution. (Every cell of every class, ~300,000
-pairs at 800x1333, would otherwise go through mask formation.)
+pairs at 800x1333, would otherwise go through mask formation.) ``--masks objects`` replaces the
+candidates' speckle masks of random weights by object-like ones after computing them (see
+``force_candidates`` in ``tools/_common.py``); ``random`` (default) keeps them.
 For Mask R-CNN the class logits get a random per-class bias (N(0, 3^2)), so a few classes pass the
 default 0.05 score threshold for every proposal (at 800x1333: 1000 proposals, about 5,500 boxes
 into per-class NMS, 100 detections to the mask head, 100 masks pasted). Both models thus output up
@@ -264,9 +266,11 @@ def worker(a):
 
     else:
         model.eval()
-        thresh = force_candidates(model, image, a.candidates if is_solo(model) else None)
+        thresh = force_candidates(model, image, a.candidates if is_solo(model) else None,
+                                  object_masks=a.masks == "objects")
         if thresh is not None:
             result["candidates"], result["score_thresh"] = a.candidates, thresh
+            result["masks"] = a.masks
         batch = [{"image": image}]
 
         def step(t):
@@ -310,7 +314,7 @@ def run_worker(model, mode, a):
         "--size", str(size[0]), str(size[1]), "--runs", str(a.runs), "--threads", str(a.threads),
         "--instances", str(a.instances), "--device", a.device,
         "--counts", *[str(c) for c in a.counts], "--dtype", a.dtype,
-        "--candidates", str(a.candidates),
+        "--candidates", str(a.candidates), "--masks", a.masks,
     ] + (["--amp"] if a.amp else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -337,7 +341,7 @@ def report(r):
         post = r["stages"]["postprocess"]["median_s"] / r["median_s"]
         extra = f"  postprocess share {100 * post:.1f}%  outputs {r['outputs']}"
         if "candidates" in r:
-            extra += f"  candidates {r['candidates']}"
+            extra += f"  candidates {r['candidates']} ({r.get('masks', 'random')} masks)"
     print(f"{r['model']:20s} {r['mode']:6s} {size} {r.get('dtype', 'float32')} "
           f"threads {r['threads']}  median {_ms(r['median_s'])} ms "
           f"(min {_ms(r['min_s']).strip()}, max {_ms(r['max_s']).strip()}, n={r['runs']})  "
@@ -358,6 +362,9 @@ def main(argv=None):
     p.add_argument("--amp", action="store_true")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                    help="SOLO models' MODEL.SOLO.INFERENCE_DTYPE (several: each in turn, same run)")
+    p.add_argument("--masks", default="random", choices=["random", "objects"],
+                   help="SOLO candidates' mask values: as the random weights give them, or "
+                        "object-like (tools/_common.py force_candidates)")
     p.add_argument("--candidates", type=int, default=500,
                    help="SOLO (cell, class) candidates forced into inference's postprocess")
     p.add_argument("--json", default=None, help="also write every result here")
