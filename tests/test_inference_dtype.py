@@ -76,3 +76,26 @@ def test_bfloat16_inference_contract_and_tolerance(head):
 def test_inference_dtype_is_validated():
     with pytest.raises(ValueError, match="MODEL.SOLO.INFERENCE_DTYPE.*float16"):
         build_model(tiny_cfg("SOLOHead", **{"MODEL.SOLO.INFERENCE_DTYPE": "float16"}))
+
+
+def test_postprocessing_runs_in_float32_under_a_callers_autocast(monkeypatch):
+    # A caller's autocast (e.g. float16 on CUDA) must not reach post-processing: its mask
+    # intersections and areas overflow float16. Checked on CPU with bfloat16 autocast: the
+    # post-processor sees float32 inputs with autocast off, and the result equals
+    # INFERENCE_DTYPE bfloat16's (the same backbone and head precision).
+    f32, bf16 = _models("SOLOHead")
+    seen = []
+    post = f32.postprocess
+
+    def recording(cate_logits, mask_fn, *args):
+        seen.append((torch.is_autocast_enabled("cpu"), cate_logits[0].dtype))
+        return post(cate_logits, mask_fn, *args)
+
+    monkeypatch.setattr(f32, "postprocess", recording)
+    x = _image()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outer = f32([{"image": x}])[0]["instances"]
+    with torch.no_grad():
+        own = bf16([{"image": x}])[0]["instances"]
+    assert seen == [(False, torch.float32)]
+    assert torch.equal(outer.scores, own.scores) and torch.equal(outer.pred_masks, own.pred_masks)

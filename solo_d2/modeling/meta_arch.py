@@ -210,7 +210,6 @@ class SOLO(nn.Module):
             with self.inference_autocast():
                 features = self.run_backbone(group_images.tensor)
                 cate_logits, mask_feats = self.head([features[f] for f in self.in_features])
-            cate_logits, mask_feats = self.float_outputs(cate_logits, mask_feats)
             group_results = self.inference_from_outputs(
                 cate_logits, mask_feats, group_images, [batched_inputs[i] for i in idx]
             )
@@ -293,6 +292,14 @@ class SOLO(nn.Module):
         images: ImageList,
         batched_inputs: List[Dict[str, torch.Tensor]],
     ) -> List[Dict[str, Instances]]:
+        """Post-processing of the head outputs, per image, in float32: outside any autocast
+        the caller runs (under float16 autocast, mask intersections and areas of more than
+        65,504 pixels overflow and Matrix NMS decays every score to NaN)."""
+        with torch.autocast(self.device.type, enabled=False):
+            cate_logits, mask_feats = self.float_outputs(cate_logits, mask_feats)
+            return self._postprocess_images(cate_logits, mask_feats, images, batched_inputs)
+
+    def _postprocess_images(self, cate_logits, mask_feats, images, batched_inputs):
         results = []
         padded = tuple(images.tensor.shape[-2:])
         mask_size = self.head.mask_size(mask_feats[0])
