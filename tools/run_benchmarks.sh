@@ -14,9 +14,14 @@ mkdir -p "$OUT"
 export OMP_NUM_THREADS=$T
 # Inference per stage, float32 and bfloat16 (MODEL.SOLO.INFERENCE_DTYPE), 500 forced candidates
 $PY tools/benchmark.py latency --dtype float32 bfloat16 --runs 5 --threads $T --json "$OUT/latency.json" | tee "$OUT/latency.txt"
-$PY tools/benchmark.py latency --models SOLO --size 512 852 --dtype float32 bfloat16 --runs 5 --threads $T --json "$OUT/latency_512.json" | tee "$OUT/latency_512.txt"
+$PY tools/paste_time.py --masks 100 --runs 5 --threads $T | tee "$OUT/paste_time.txt"
+# Interleaved comparisons (robust ratios on a loaded machine): bfloat16, Mask R-CNN
+$PY tools/interleaved_latency.py --variants SOLO:float32 SOLO:bfloat16 MaskRCNN:float32 --runs 5 --threads $T | tee "$OUT/interleaved_800.txt"
+$PY tools/interleaved_latency.py --variants SOLO:float32 SOLO:bfloat16 --size 512 852 --runs 5 --threads $T | tee "$OUT/interleaved_512.txt"
+# Inference with object-like candidate masks (the postprocess share)
+$PY tools/benchmark.py latency --models SOLO --masks objects --runs 5 --threads $T --json "$OUT/latency_objects.json" | tee "$OUT/latency_objects.txt"
 # Inference against input size and number of candidates
-$PY tools/benchmark.py scaling --models SOLO --runs 5 --threads $T --json "$OUT/scaling.json" | tee "$OUT/scaling.txt"
+$PY tools/benchmark.py scaling --models SOLO --masks objects --runs 5 --threads $T --json "$OUT/scaling.json" | tee "$OUT/scaling.txt"
 # The head's layout
 $PY tools/head_layout.py --model SOLO --runs 3 --threads $T | tee "$OUT/head_layout.txt"
 # Training steps, target generation
