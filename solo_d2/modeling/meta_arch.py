@@ -292,9 +292,9 @@ class SOLO(nn.Module):
         images: ImageList,
         batched_inputs: List[Dict[str, torch.Tensor]],
     ) -> List[Dict[str, Instances]]:
-        """Post-processing of the head outputs, per image, in float32: outside any autocast
-        the caller runs (under float16 autocast, mask intersections and areas of more than
-        65,504 pixels overflow and Matrix NMS decays every score to NaN)."""
+        """Post-processing of the head outputs, per image, in float32, outside any autocast
+        the caller runs (float16 cannot hold mask areas and intersections above 65,504
+        pixels; the post-processor's gathers expect float32 masks)."""
         with torch.autocast(self.device.type, enabled=False):
             cate_logits, mask_feats = self.float_outputs(cate_logits, mask_feats)
             return self._postprocess_images(cate_logits, mask_feats, images, batched_inputs)
