@@ -133,6 +133,11 @@ def add_solo_config(cfg):
     # for a BatchNorm ResNet (BENCHMARKS.md, "Speed and memory"). The head always sees standard (N, C, H, W)
     # tensors; results equal those of the standard layout up to float rounding.
     _C.MODEL.SOLO.CHANNELS_LAST = True
+    # Inference precision of backbone and head: "float32", or "bfloat16" (autocast on the model's
+    # device: convolutions in bfloat16, accumulation and normalisations as autocast decides).
+    # Post-processing always runs in float32; outputs keep their dtypes (float32 scores, bool
+    # masks). Speed and accuracy against float32: BENCHMARKS.md.
+    _C.MODEL.SOLO.INFERENCE_DTYPE = "float32"
 
     # Gradient clipping on the L2 norm of *all* parameters together (the reference clips the
     # whole model at 35). Detectron2's own SOLVER.CLIP_GRADIENTS clips each parameter separately;

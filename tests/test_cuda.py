@@ -69,3 +69,31 @@ def test_amp_training_then_gpu_and_cpu_predictions_agree(head, tiny_dataset, tmp
     inter = (inst_g.pred_masks & inst_c.pred_masks).flatten(1).sum(1).float()
     union = (inst_g.pred_masks | inst_c.pred_masks).flatten(1).sum(1).float().clamp(min=1)
     assert (inter / union).min() >= 0.98
+
+
+def test_box_paste_and_bfloat16_inference_on_cuda():
+    """The box-limited paste gives the full paste's masks on CUDA tensors too, and bfloat16
+    inference (CUDA autocast) keeps the output contract."""
+    from detectron2.modeling import build_model
+
+    from solo_d2.modeling.mask_paste import paste_masks_full, paste_masks_in_boxes
+
+    g = torch.Generator().manual_seed(0)
+    soft = (torch.rand(5, 50, 84, generator=g) * 0.4).cuda()
+    soft[0, 10:20, 30:50] = 0.9
+    soft[1, :5, :5] = 0.8
+    for out in ((200, 333), (120, 200)):
+        full = paste_masks_full(soft, (200, 336), (200, 333), out, 0.5)
+        assert torch.equal(paste_masks_in_boxes(soft, (200, 336), (200, 333), out, 0.5), full)
+
+    cfg = tiny_cfg("SOLOHead", **LOW_THRESHOLDS)
+    cfg.MODEL.DEVICE = "cuda"
+    cfg.MODEL.SOLO.INFERENCE_DTYPE = "bfloat16"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image, _ = make_image(np.random.default_rng(3))
+    x = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    with torch.no_grad():
+        inst = model([{"image": x}])[0]["instances"]
+    assert len(inst) > 0 and inst.pred_masks.dtype == torch.bool
+    assert inst.scores.dtype == torch.float32 and inst.pred_classes.dtype == torch.int64

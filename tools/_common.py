@@ -73,10 +73,21 @@ def calibrate_frozen_bn(model, image):
         h.remove()
 
 
-def force_candidates(model):
-    """Random weights -> the heaviest postprocess the config allows: SOLO's category biases at 0
-    (every cell a candidate, so NMS_PRE of them) and random mask outputs; Mask R-CNN's class
-    scores peaked, so that a few classes pass its 0.05 threshold."""
+def force_candidates(model, image=None, candidates=None, object_masks=False):
+    """Random weights -> a realistic postprocess load. SOLO models: category biases at 0 (every
+    cell a candidate) and random mask outputs; with ``candidates`` (and the ``image`` the model
+    will see), ``SCORE_THRESH_TEST`` is then set so that exactly that many (cell, class) pairs
+    pass point NMS and the threshold on that image (without it, about every cell of every class,
+    ~300,000 at 800x1333, would go through mask formation). Mask R-CNN: class scores peaked, so
+    that a few classes pass its 0.05 threshold. Returns the SOLO score threshold set (or None).
+
+    ``object_masks`` (SOLO): random weights give every candidate a speckle mask over the whole
+    image, which no trained model predicts. With it, the head still computes every mask as
+    usual (the same work), but the values are then replaced by an object-like soft mask: a
+    square at the cell's position, of the level's typical object size (the geometric mean of its
+    ``SCALE_RANGES`` entry), with a soft edge, plus a tenth of the computed mask (two passes over
+    the masks, added to the postprocess time). Mask area,
+    maskness, Matrix NMS and pasting then see localised masks, as a trained model's."""
     import torch
 
     if not is_solo(model):
@@ -84,7 +95,9 @@ def force_candidates(model):
             g = torch.Generator().manual_seed(1)
             bias = model.roi_heads.box_predictor.cls_score.bias
             bias.copy_(torch.randn(bias.shape, generator=g) * 3.0)
-        return
+        return None
+    if not hasattr(model.head, "cate_pred"):
+        raise AttributeError(f"{type(model.head).__name__} has no cate_pred: cannot force candidates")
     with torch.no_grad():
         model.head.cate_pred.bias.zero_()
         g = torch.Generator().manual_seed(1)
@@ -93,3 +106,47 @@ def force_candidates(model):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             else:
                 p.zero_()
+    if object_masks:
+        _object_like_masks(model)
+    if candidates is None:
+        return None
+    from solo_d2.modeling.postprocessing import point_nms
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        with model.inference_autocast():
+            feats = model.run_backbone(images.tensor)
+            cate, _ = model.head([feats[f] for f in model.in_features])
+        probs = torch.cat([point_nms(c[0].float().sigmoid()).flatten() for c in cate])
+    model.train(was_training)
+    if probs.numel() <= candidates:
+        raise ValueError(f"{candidates} candidates asked, the grids have {probs.numel()} (cell, class) pairs")
+    thresh = float(probs.topk(candidates + 1).values[-1])
+    model.postprocess.score_thresh = thresh
+    return thresh
+
+
+def _object_like_masks(model):
+    """Wrap ``model.head.mask_probs`` (see :func:`force_candidates`)."""
+    import torch
+
+    head, compute = model.head, model.head.mask_probs
+    sizes = [(lo * hi) ** 0.5 for lo, hi in model.targets.scale_ranges]  # input pixels
+
+    def mask_probs(mask_feat, level, img_idx, cell_idx, out_size=None):
+        probs = compute(mask_feat, level, img_idx, cell_idx, out_size)
+        h, w = probs.shape[-2:]
+        s = head.num_grids[level]
+        cy = (torch.div(cell_idx, s, rounding_mode="floor").float() + 0.5) / s * h
+        cx = (cell_idx % s).float().add(0.5) / s * w
+        ys = torch.arange(h, dtype=torch.float32, device=probs.device)
+        xs = torch.arange(w, dtype=torch.float32, device=probs.device)
+        radius = sizes[level] / 2 / 4  # the masks are at stride 4
+        # a soft-edged square (separable: two 1-D profiles), cheap beside the mask computation
+        ay = torch.sigmoid((radius - (ys[None, :] - cy[:, None]).abs()) / 1.5)[:, :, None]
+        ax = torch.sigmoid((radius - (xs[None, :] - cx[:, None]).abs()) / 1.5)[:, None, :]
+        return probs.mul_(0.1).addcmul_(ay, ax, value=0.9)
+
+    head.mask_probs = mask_probs

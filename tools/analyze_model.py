@@ -9,7 +9,7 @@
 FLOPs are counted by fvcore's tracer (Detectron2's ``FlopCountAnalysis``: one multiply-add = one
 flop) on inference, averaged over ``--num-inputs`` random images of ``--size`` (default: the
 config's test size, 800x1333 for most), with the same realistic-candidate set-up as
-``tools/benchmark.py`` (calibrated FrozenBN statistics, forced candidates), and split into
+``tools/benchmark.py`` (calibrated FrozenBN statistics, ``--candidates`` forced, default 500), split into
 backbone (+FPN), heads and the rest (postprocess and glue). Parameters come from fvcore's
 ``parameter_count_table``.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import calibrate_frozen_bn, force_candidates, load_cfg
+from _common import calibrate_frozen_bn, force_candidates, is_solo, load_cfg
 
 
 def build(args):
@@ -64,6 +64,7 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", default=["flop", "parameter"], choices=["flop", "parameter"])
     p.add_argument("--num-inputs", type=int, default=3)
     p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"))
+    p.add_argument("--candidates", type=int, default=500, help="SOLO candidates forced (tools/benchmark.py)")
     p.add_argument("--json", default=None)
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args(argv)
@@ -85,7 +86,7 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for _ in range(args.num_inputs)]
         calibrate_frozen_bn(model, images[0])
-        force_candidates(model)
+        force_candidates(model, images[0], args.candidates if is_solo(model) else None)
         with torch.no_grad():
             out["gflops"] = count_flops(model, images)
         out["size"] = [h, w]

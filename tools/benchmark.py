@@ -5,12 +5,16 @@
     python tools/benchmark.py latency  # inference per stage: preprocess, backbone+FPN, heads, postprocess
     python tools/benchmark.py train    # training step per stage: forward, targets, losses, backward
     python tools/benchmark.py targets  # target generation vs instance count (1, 10, 50, 200)
+    python tools/benchmark.py scaling  # inference vs input size (short side 512, 800, 1024) and
+                                       # vs SOLO candidates (50, 500, 2000)
     python tools/benchmark.py all --json results.json
 
-Common options: ``--models`` (default: SOLO DecoupledSOLO DecoupledSOLO_Light MaskRCNN),
-``--runs`` (timed runs after one warm-up), ``--threads`` (default 2; the same for every model),
-``--size H W`` (default: each model's reference size: 800x1333, 512x852 for the light model),
-``--device cpu|cuda``, ``--amp`` (CUDA autocast).
+Common options: ``--models`` (default: SOLO DecoupledSOLO DecoupledSOLO_Light SOLOv2 MaskRCNN;
+a model whose config is not in the checkout is skipped with a note), ``--runs`` (timed runs
+after one warm-up), ``--threads`` (default 2; the same for every model), ``--size H W``
+(default: each model's reference size: 800x1333, 512x852 for the light model), ``--device
+cpu|cuda``, ``--amp`` (CUDA autocast, float16), ``--dtype float32|bfloat16`` (SOLO models'
+``MODEL.SOLO.INFERENCE_DTYPE``), ``--candidates N`` (default 500, see below).
 
 Models: ``SOLO``, ``DecoupledSOLO``, ``DecoupledSOLO_Light`` (solo_d2's COCO configs, R-50-FPN),
 ``SOLO_S2`` (vanilla SOLO forming all S^2 masks of every level, as reference implementations do;
@@ -18,9 +22,14 @@ solo_d2 forms only the masks it needs), and ``MaskRCNN`` (Detectron2's
 ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml``). Weights are random.
 
 How the postprocess load is made realistic with random weights (it would otherwise be empty):
-for SOLO models the category bias is set to 0 and the mask output weights are re-drawn, so every
-cell surviving point NMS is a candidate: ``NMS_PRE`` (500) candidates enter mask formation,
-maskness and Matrix NMS, and ``MAX_PER_IMAGE`` (100) masks are pasted at full resolution.
+for SOLO models the category bias is set to 0 and the mask output weights are re-drawn, and
+``SCORE_THRESH_TEST`` is set (on the benchmark image, before timing) so that exactly
+``--candidates`` (cell, class) pairs pass point NMS and the threshold: with the default 500
+(``NMS_PRE``), 500 candidates enter mask formation, maskness and Matrix NMS, and
+``MAX_PER_IMAGE`` (100) masks are pasted at full resolution. (Every cell of every class, ~300,000
+pairs at 800x1333, would otherwise go through mask formation.) ``--masks objects`` replaces the
+candidates' speckle masks of random weights by object-like ones after computing them (see
+``force_candidates`` in ``tools/_common.py``); ``random`` (default) keeps them.
 For Mask R-CNN the class logits get a random per-class bias (N(0, 3^2)), so a few classes pass the
 default 0.05 score threshold for every proposal (at 800x1333: 1000 proposals, about 5,500 boxes
 into per-class NMS, 100 detections to the mask head, 100 masks pasted). Both models thus output up
@@ -51,30 +60,44 @@ MODELS = {
     "SOLO_S2": (COCO + "SOLO_R50_1x.yaml", (800, 1333)),
     "DecoupledSOLO": (COCO + "DecoupledSOLO_R50_1x.yaml", (800, 1333)),
     "DecoupledSOLO_Light": (COCO + "DecoupledSOLO_Light_R50_3x.yaml", (512, 852)),
+    "SOLOv2": (COCO + "SOLOv2_R50_1x.yaml", (800, 1333)),
     "MaskRCNN": ("model_zoo:COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", (800, 1333)),
 }
-DEFAULT_MODELS = ["SOLO", "DecoupledSOLO", "DecoupledSOLO_Light", "MaskRCNN"]
+DEFAULT_MODELS = ["SOLO", "DecoupledSOLO", "DecoupledSOLO_Light", "SOLOv2", "MaskRCNN"]
+#: inference sizes (short side 512, 800, 1024 at 800x1333's aspect) and SOLO candidate counts of
+#: the ``scaling`` run
+SCALING_SIZES = [(512, 852), (800, 1333), (1024, 1706)]
+SCALING_CANDIDATES = [50, 500, 2000]
+
+
+def available(name):
+    """Whether the model's config is in this checkout (model-zoo configs always are)."""
+    path = MODELS[name][0]
+    return path.startswith("model_zoo:") or (REPO / path).is_file()
 
 
 # ---------------------------------------------------------------------------------------------
 # building models and inputs
 # ---------------------------------------------------------------------------------------------
-def build_cfg(name, device="cpu"):
+def build_cfg(name, device="cpu", dtype="float32"):
     path = MODELS[name][0]
     if path.startswith("model_zoo:"):
         cfg = load_cfg(model_zoo=path[len("model_zoo:"):], device=device)
+        if dtype != "float32":
+            raise ValueError(f"--dtype {dtype}: only SOLO models have MODEL.SOLO.INFERENCE_DTYPE")
     else:
         cfg = load_cfg(str(REPO / path), device=device)
+        cfg.MODEL.SOLO.INFERENCE_DTYPE = dtype
     cfg.MODEL.WEIGHTS = ""
     return cfg
 
 
-def build(name, device="cpu"):
+def build(name, device="cpu", dtype="float32"):
     import torch
     from detectron2.modeling import build_model
 
     torch.manual_seed(0)
-    model = build_model(build_cfg(name, device))
+    model = build_model(build_cfg(name, device, dtype))
     if name == "SOLO_S2":
         head = model.head
 
@@ -131,9 +154,14 @@ class Timer:
 def infer_stages(model, batch, t: Timer):
     """Inference of ``batch`` with stage timings; returns the number of output instances."""
     images = t("preprocess", model.preprocess_image, batch)
-    if is_solo(model):
-        feats = t("backbone", model.run_backbone, images.tensor)
-        cate, mask_feats = t("heads", model.head, [feats[f] for f in model.in_features])
+    if is_solo(model):  # SOLO.inference's steps (one group: one image)
+        with model.inference_autocast():
+            feats = t("backbone", model.run_backbone, images.tensor)
+
+            def heads():
+                return model.float_outputs(*model.head([feats[f] for f in model.in_features]))
+
+            cate, mask_feats = t("heads", heads)
         out = t("postprocess", model.inference_from_outputs, cate, mask_feats, images, batch)
     else:  # Detectron2's GeneralizedRCNN.inference, split the same way
         from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
@@ -200,12 +228,13 @@ def worker(a):
     import torch
 
     torch.set_num_threads(a.threads)
-    model = build(a.model, a.device)
+    model = build(a.model, a.device, a.dtype)
     h, w = a.size
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device=a.device)
     calibrate_frozen_bn(model, image)
     cuda = a.device.startswith("cuda")
-    result = {"model": a.model, "mode": a.mode, "size": [h, w], "device": a.device, "threads": a.threads}
+    result = {"model": a.model, "mode": a.mode, "size": [h, w], "device": a.device,
+              "threads": a.threads, "dtype": a.dtype}
     if cuda:
         result["device_name"] = torch.cuda.get_device_name()
 
@@ -237,7 +266,11 @@ def worker(a):
 
     else:
         model.eval()
-        force_candidates(model)
+        thresh = force_candidates(model, image, a.candidates if is_solo(model) else None,
+                                  object_masks=a.masks == "objects")
+        if thresh is not None:
+            result["candidates"], result["score_thresh"] = a.candidates, thresh
+            result["masks"] = a.masks
         batch = [{"image": image}]
 
         def step(t):
@@ -280,7 +313,8 @@ def run_worker(model, mode, a):
         sys.executable, __file__, "_worker", "--model", model, "--mode", mode,
         "--size", str(size[0]), str(size[1]), "--runs", str(a.runs), "--threads", str(a.threads),
         "--instances", str(a.instances), "--device", a.device,
-        "--counts", *[str(c) for c in a.counts],
+        "--counts", *[str(c) for c in a.counts], "--dtype", a.dtype,
+        "--candidates", str(a.candidates), "--masks", a.masks,
     ] + (["--amp"] if a.amp else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -302,15 +336,22 @@ def report(r):
                   f"share {100 * row['share']:5.1f}%", flush=True)
         return
     stages = "  ".join(f"{k} {_ms(v['median_s']).strip()}" for k, v in r["stages"].items())
-    print(f"{r['model']:20s} {r['mode']:6s} {size}  median {_ms(r['median_s'])} ms "
+    extra = ""
+    if "outputs" in r:
+        post = r["stages"]["postprocess"]["median_s"] / r["median_s"]
+        extra = f"  postprocess share {100 * post:.1f}%  outputs {r['outputs']}"
+        if "candidates" in r:
+            extra += f"  candidates {r['candidates']} ({r.get('masks', 'random')} masks)"
+    print(f"{r['model']:20s} {r['mode']:6s} {size} {r.get('dtype', 'float32')} "
+          f"threads {r['threads']}  median {_ms(r['median_s'])} ms "
           f"(min {_ms(r['min_s']).strip()}, max {_ms(r['max_s']).strip()}, n={r['runs']})  "
-          f"peak {r['peak_mb']:8.1f} MB (rise {r['peak_rise_mb']:.1f})  [{stages}]"
-          + (f"  outputs {r['outputs']}" if "outputs" in r else ""), flush=True)
+          f"peak {r['peak_mb']:8.1f} MB (rise {r['peak_rise_mb']:.1f})  [{stages}]" + extra,
+          flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["memory", "latency", "train", "targets", "all", "_worker"])
+    p.add_argument("what", choices=["memory", "latency", "train", "targets", "scaling", "all", "_worker"])
     p.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
     p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"))
     p.add_argument("--runs", type=int, default=None, help="timed runs after one warm-up")
@@ -319,12 +360,20 @@ def main(argv=None):
     p.add_argument("--counts", nargs="+", type=int, default=[1, 10, 50, 200])
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="SOLO models' MODEL.SOLO.INFERENCE_DTYPE (several: each in turn, same run)")
+    p.add_argument("--masks", default="random", choices=["random", "objects"],
+                   help="SOLO candidates' mask values: as the random weights give them, or "
+                        "object-like (tools/_common.py force_candidates)")
+    p.add_argument("--candidates", type=int, default=500,
+                   help="SOLO (cell, class) candidates forced into inference's postprocess")
     p.add_argument("--json", default=None, help="also write every result here")
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.what == "_worker":
         a.runs = a.runs or 5
+        a.dtype = a.dtype[0]
         return worker(a)
 
     plan = {
@@ -332,21 +381,35 @@ def main(argv=None):
         "latency": [("infer", 10)],
         "train": [("train", 5)],
         "targets": [("targets", 5)],
+        "scaling": [("infer", 5)],
     }
     todo = ["train", "latency", "targets"] if a.what == "all" else [a.what]
     results = []
     for what in todo:
-        models = a.models or (["SOLO"] if what == "targets" else DEFAULT_MODELS)
+        models = a.models or (["SOLO"] if what in ("targets", "scaling") else DEFAULT_MODELS)
         for model in models:
+            if not available(model):
+                print(f"{model:20s} skipped: {MODELS[model][0]} is not in this checkout", flush=True)
+                continue
             for mode, runs in plan[what]:
                 if what == "targets" and model in ("MaskRCNN",):
                     continue
-                sub = argparse.Namespace(**vars(a))
-                sub.runs = a.runs or runs
-                r = run_worker(model, mode, sub)
-                r["what"] = what
-                results.append(r)
-                report(r)
+                dtypes = a.dtype if model != "MaskRCNN" else ["float32"]
+                variants = [{"dtype": d} for d in dtypes]
+                if what == "scaling":
+                    variants = [{"dtype": d, "size": s} for d in dtypes for s in SCALING_SIZES]
+                    if model != "MaskRCNN":
+                        variants += [{"dtype": d, "candidates": c} for d in dtypes
+                                     for c in SCALING_CANDIDATES if c != a.candidates]
+                for v in variants:
+                    sub = argparse.Namespace(**vars(a))
+                    sub.runs = a.runs or runs
+                    for k, val in v.items():
+                        setattr(sub, k, val)
+                    r = run_worker(model, mode, sub)
+                    r["what"] = what
+                    results.append(r)
+                    report(r)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return results

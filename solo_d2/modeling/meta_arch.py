@@ -13,6 +13,7 @@ at the requested output size). ``forward`` and ``preprocess_image`` would be ove
 base class would add an unused contract (``forward_training`` / ``forward_inference``) and save
 almost nothing.
 """
+from contextlib import nullcontext
 from typing import Dict, List, Sequence
 
 import torch
@@ -29,6 +30,9 @@ from .postprocessing import SOLOPostProcessor
 from .targets import LevelTargets, SOLOTargetGenerator
 
 __all__ = ["SOLO"]
+
+#: MODEL.SOLO.INFERENCE_DTYPE values and the autocast dtype of each (None: no autocast)
+INFERENCE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 @META_ARCH_REGISTRY.register()
@@ -64,6 +68,7 @@ class SOLO(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         channels_last: bool = False,
+        inference_dtype: str = "float32",
         loss_cate_weight: float = 1.0,
         loss_mask_weight: float = 3.0,
         focal_loss_alpha: float = 0.25,
@@ -79,6 +84,8 @@ class SOLO(nn.Module):
             in_features: backbone features fed to the head, finest first.
             pixel_mean, pixel_std: per-channel normalisation of the input image.
             channels_last: run the backbone in channels-last memory format.
+            inference_dtype: "float32" or "bfloat16": backbone and head at inference under
+                autocast in that dtype (:meth:`inference_autocast`); post-processing in float32.
             Others: see :mod:`solo_d2.config`.
         """
         super().__init__()
@@ -113,6 +120,12 @@ class SOLO(nn.Module):
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
         self.channels_last = channels_last
+        if inference_dtype not in INFERENCE_DTYPES:
+            raise ValueError(
+                f"MODEL.SOLO.INFERENCE_DTYPE must be one of {sorted(INFERENCE_DTYPES)}, got "
+                f"{inference_dtype!r}"
+            )
+        self.inference_dtype = inference_dtype
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -145,6 +158,7 @@ class SOLO(nn.Module):
             "focal_loss_alpha": sc.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": sc.FOCAL_LOSS_GAMMA,
             "channels_last": sc.CHANNELS_LAST,
+            "inference_dtype": sc.INFERENCE_DTYPE,
         }
 
     @property
@@ -193,14 +207,33 @@ class SOLO(nn.Module):
                     self.backbone.size_divisibility,
                     padding_constraints=self.backbone.padding_constraints,
                 )
-            features = self.run_backbone(group_images.tensor)
-            cate_logits, mask_feats = self.head([features[f] for f in self.in_features])
+            with self.inference_autocast():
+                features = self.run_backbone(group_images.tensor)
+                cate_logits, mask_feats = self.head([features[f] for f in self.in_features])
             group_results = self.inference_from_outputs(
                 cate_logits, mask_feats, group_images, [batched_inputs[i] for i in idx]
             )
             for i, r in zip(idx, group_results):
                 results[i] = r
         return results
+
+    def inference_autocast(self):
+        """The context backbone and head run in at inference: autocast in bfloat16 on the
+        model's device for ``inference_dtype`` "bfloat16", else none."""
+        if self.inference_dtype == "float32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=INFERENCE_DTYPES[self.inference_dtype])
+
+    @staticmethod
+    def float_outputs(cate_logits: List[torch.Tensor], mask_feats: list):
+        """The head outputs in float32 (post-processing's precision); a ``mask_feats`` entry
+        may be a tensor or a tuple of tensors. Tensors already in float32 are returned as they
+        are."""
+
+        def to_float(x):
+            return x.float() if isinstance(x, torch.Tensor) else type(x)(to_float(t) for t in x)
+
+        return [c.float() for c in cate_logits], [to_float(m) for m in mask_feats]
 
     def run_backbone(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Backbone + FPN on the (N, 3, H, W) batch; returns standard-layout feature maps."""
@@ -259,6 +292,14 @@ class SOLO(nn.Module):
         images: ImageList,
         batched_inputs: List[Dict[str, torch.Tensor]],
     ) -> List[Dict[str, Instances]]:
+        """Post-processing of the head outputs, per image, in float32, outside any autocast
+        the caller runs (float16 cannot hold mask areas and intersections above 65,504
+        pixels; the post-processor's gathers expect float32 masks)."""
+        with torch.autocast(self.device.type, enabled=False):
+            cate_logits, mask_feats = self.float_outputs(cate_logits, mask_feats)
+            return self._postprocess_images(cate_logits, mask_feats, images, batched_inputs)
+
+    def _postprocess_images(self, cate_logits, mask_feats, images, batched_inputs):
         results = []
         padded = tuple(images.tensor.shape[-2:])
         mask_size = self.head.mask_size(mask_feats[0])

@@ -17,6 +17,7 @@ from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
 from .layers import masks_to_boxes
+from .mask_paste import paste_masks
 
 __all__ = ["point_nms", "matrix_nms", "category_strides", "SOLOPostProcessor"]
 
@@ -266,15 +267,8 @@ class SOLOPostProcessor:
         maskness = (soft * binary).sum(dim=(1, 2)) / area.clamp(min=1)
         return scores * maskness, area > min_areas[levels], (soft if keep_masks else None)
 
-    def paste_masks(self, soft, padded_size, image_size, output_size, chunk: int = 16):
+    def paste_masks(self, soft, padded_size, image_size, output_size):
         """(R, H0, W0) soft masks -> (R, height, width) bool: upsample to the padded input,
-        crop to the image, resize to the output size, threshold. Chunked to bound memory."""
-        h, w = image_size
-        out = torch.zeros((soft.shape[0], *output_size), dtype=torch.bool, device=soft.device)
-        for start in range(0, soft.shape[0], chunk):
-            m = soft[start : start + chunk, None]
-            m = F.interpolate(m, size=tuple(padded_size), mode="bilinear")[:, :, :h, :w]
-            if (h, w) != tuple(output_size):
-                m = F.interpolate(m, size=tuple(output_size), mode="bilinear")
-            out[start : start + chunk] = m[:, 0] > self.mask_thresh
-        return out
+        crop to the image, resize to the output size, threshold (:mod:`.mask_paste`: on the CPU
+        only inside each mask's reachable window, with the same result)."""
+        return paste_masks(soft, padded_size, image_size, output_size, self.mask_thresh)

@@ -1,0 +1,191 @@
+"""Pasting SOLO's soft masks into the output image: from the finest mask size to bool masks.
+
+The reference operation (:func:`paste_masks_full`): upsample each (H0, W0) soft mask bilinearly
+(``align_corners=False``) to the padded input size, crop to the image, resize bilinearly to the
+requested output size (only when it differs from the image size) and threshold (``> thresh``).
+It computes every output pixel of every mask; exportable (ONNX) and fast on a GPU.
+
+:func:`paste_masks_in_boxes` returns the same bool masks while computing, per mask, only the
+output window that can be ``True``: the pixels whose bilinear sources (through both resizes)
+reach a mask cell above ``thresh - margin``. Every other output pixel mixes, with non-negative
+weights summing to one (up to rounding), values at most ``thresh - margin``, so it is ``<=
+thresh``: False. Inside the window each resize is done separably with the kernel's own indices
+and weights (read from it by resizing an identity matrix). PyTorch's CPU kernel rounds its
+sums of products in a way that depends on the tensor's layout (measured: the kernel's own
+windows and separable passes do not reproduce its full resize bit for bit; this module's sums
+differ from it by at most 1.8e-7), so the window's values may differ from the full paste's in
+the last bits: where any value of a mask's window lies within
+:data:`TIE_TOLERANCE` of ``thresh``, that mask is pasted by the kernel itself
+(:func:`paste_masks_full`), so the threshold decision is always the kernel's; so is a mask
+whose window covers most of the output (:data:`LARGE_WINDOW`). A test checks the equality on
+random masks, masks touching the border, exact ties, odd and resized output sizes.
+
+Contract of both: ``soft`` (R, H0, W0) float32 probabilities in [0, 1]; returns (R, height,
+width) bool on ``soft``'s device.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["paste_masks_full", "paste_masks_in_boxes", "paste_masks"]
+
+#: Largest difference between :func:`paste_masks_in_boxes`'s values and PyTorch's kernel's,
+#: with a wide margin: both compute the same weighted sums with the same weights, in float32,
+#: rounded differently (measured on random masks through both resizes: at most 1.8e-7).
+TIE_TOLERANCE = 1e-6
+
+#: A mask whose output window covers more than this fraction of the output is pasted by the full
+#: kernel (the window saves little there).
+LARGE_WINDOW = 0.5
+
+
+def paste_masks_full(
+    soft: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    thresh: float,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """The reference paste: every pixel of every mask (see the module docstring). Chunked over
+    masks to bound memory."""
+    h, w = image_size
+    out = torch.zeros((soft.shape[0], *output_size), dtype=torch.bool, device=soft.device)
+    for start in range(0, soft.shape[0], chunk):
+        m = soft[start : start + chunk, None]
+        m = F.interpolate(m, size=tuple(padded_size), mode="bilinear")[:, :, :h, :w]
+        if (h, w) != tuple(output_size):
+            m = F.interpolate(m, size=tuple(output_size), mode="bilinear")
+        out[start : start + chunk] = m[:, 0] > thresh
+    return out
+
+
+class _Linear1d:
+    """PyTorch's 1-D bilinear resize (``align_corners=False``) from ``in_size`` to ``out_size``:
+    output i mixes input ``i0[i]`` (weight ``l0[i]``) and ``i1[i]`` (weight ``l1[i]``). The
+    indices and weights are read from PyTorch's own kernel (resizing the identity matrix), so
+    they are exactly the ones it uses; ``identity`` when the sizes are equal (it copies)."""
+
+    def __init__(self, in_size: int, out_size: int, device):
+        self.identity = in_size == out_size
+        if self.identity:
+            self.i0 = self.i1 = torch.arange(out_size, device=device)
+            return
+        eye = torch.eye(in_size, device=device)[:, None, None, :]
+        w = F.interpolate(eye, size=(1, out_size), mode="bilinear")[:, 0, 0]  # (in, out)
+        used = w > 0
+        j = torch.arange(out_size, device=device)
+        self.i0 = used.float().argmax(dim=0)  # first and last input with a weight
+        self.i1 = in_size - 1 - used.flip(0).float().argmax(dim=0)
+        self.l0 = w[self.i0, j]
+        self.l1 = torch.where(self.i1 != self.i0, w[self.i1, j], torch.zeros_like(self.l0))
+
+    def reach(self, lo: int, hi: int) -> Tuple[int, int]:
+        """The output indices [a, b] (inclusive) with a source in inputs [lo, hi]; a > b when
+        none. (Sources are non-decreasing in the output index.)"""
+        a = int(torch.searchsorted(self.i1, torch.tensor([lo], device=self.i1.device)))
+        b = int(torch.searchsorted(self.i0, torch.tensor([hi], device=self.i0.device), right=True)) - 1
+        return a, b
+
+    def apply(self, x: torch.Tensor, dim: int, lo: int, hi: int, offset: int) -> torch.Tensor:
+        """Outputs [lo, hi] along ``dim`` of ``x``, whose index 0 along ``dim`` is input
+        ``offset``: ``x[i0] * l0 + x[i1] * l1``."""
+        i0, i1 = self.i0[lo : hi + 1] - offset, self.i1[lo : hi + 1] - offset
+        if self.identity:
+            return x.index_select(dim, i0)
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        l0, l1 = self.l0[lo : hi + 1].view(shape), self.l1[lo : hi + 1].view(shape)
+        return x.index_select(dim, i0) * l0 + x.index_select(dim, i1) * l1
+
+
+def paste_masks_in_boxes(
+    soft: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    thresh: float,
+) -> torch.Tensor:
+    """The same bool masks as :func:`paste_masks_full`, computing each mask only inside the
+    output window its cells above ``thresh - margin`` can reach (see the module docstring)."""
+    r, h0, w0 = soft.shape
+    hp, wp = padded_size
+    h, w = image_size
+    oh, ow = output_size
+    out = torch.zeros((r, oh, ow), dtype=torch.bool, device=soft.device)
+    if r == 0:
+        return out
+    soft = soft.float()
+    # Rounding slack of two convex combinations of values in [0, 1], with a wide safety factor.
+    margin = 1e-5 * max(1.0, abs(thresh))
+    above = soft > thresh - margin
+    rows_any, cols_any = above.any(dim=2), above.any(dim=1)  # (R, H0), (R, W0)
+    first = lambda a: a.float().argmax(dim=1).tolist()  # noqa: E731  first True per mask
+    last = lambda a: (a.shape[1] - 1 - a.flip(1).float().argmax(dim=1)).tolist()  # noqa: E731
+    has = rows_any.any(dim=1).tolist()
+    r_lo, r_hi, c_lo, c_hi = first(rows_any), last(rows_any), first(cols_any), last(cols_any)
+
+    dev = soft.device
+    up_y, up_x = _Linear1d(h0, hp, dev), _Linear1d(w0, wp, dev)  # mask size -> padded input
+    second = (h, w) != (oh, ow)
+    if second:
+        rs_y, rs_x = _Linear1d(h, oh, dev), _Linear1d(w, ow, dev)  # image -> output size
+    by_kernel = []  # masks pasted by the full kernel: near-ties and large windows
+    for k in range(r):
+        if not has[k]:
+            continue
+        # Window of the padded upsample (cropped to the image) reached by the cells above.
+        ya, yb = up_y.reach(r_lo[k], r_hi[k])
+        xa, xb = up_x.reach(c_lo[k], c_hi[k])
+        yb, xb = min(yb, h - 1), min(xb, w - 1)
+        if ya > yb or xa > xb:
+            continue
+        if second:  # window of the output reached by that one, and the rows/cols it needs
+            oya, oyb = rs_y.reach(ya, yb)
+            oxa, oxb = rs_x.reach(xa, xb)
+            if oya > oyb or oxa > oxb:
+                continue
+            if (oyb - oya + 1) * (oxb - oxa + 1) > LARGE_WINDOW * oh * ow:
+                by_kernel.append(k)
+                continue
+            ya, yb = int(rs_y.i0[oya]), int(rs_y.i1[oyb])
+            xa, xb = int(rs_x.i0[oxa]), int(rs_x.i1[oxb])
+        elif (yb - ya + 1) * (xb - xa + 1) > LARGE_WINDOW * oh * ow:
+            by_kernel.append(k)
+            continue
+        sy0, sy1 = int(up_y.i0[ya]), int(up_y.i1[yb])
+        sx0, sx1 = int(up_x.i0[xa]), int(up_x.i1[xb])
+        m = soft[k, sy0 : sy1 + 1, sx0 : sx1 + 1]
+        m = up_x.apply(m, 1, xa, xb, sx0)  # width first, then height
+        m = up_y.apply(m, 0, ya, yb, sy0)
+        if second:
+            m = rs_x.apply(m, 1, oxa, oxb, xa)
+            m = rs_y.apply(m, 0, oya, oyb, ya)
+            ya, yb, xa, xb = oya, oyb, oxa, oxb
+        if bool(((m - thresh).abs() <= TIE_TOLERANCE).any()):
+            # A value within rounding distance of the threshold: the order of PyTorch's
+            # kernel's products and sums decides it; let the kernel decide.
+            by_kernel.append(k)
+            continue
+        out[k, ya : yb + 1, xa : xb + 1] = m > thresh
+    if by_kernel:  # (the kernel's values of a mask do not depend on the masks beside it)
+        idx = torch.tensor(by_kernel, device=dev)
+        out[idx] = paste_masks_full(soft[idx], padded_size, image_size, output_size, thresh)
+    return out
+
+
+def paste_masks(
+    soft: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    thresh: float,
+) -> torch.Tensor:
+    """The paste used at inference: :func:`paste_masks_in_boxes` on the CPU, where the work
+    saved dominates; :func:`paste_masks_full` elsewhere (on a GPU the full paste is a few
+    large kernels, the box-limited one a Python loop of small ones; not measured there). Both
+    give the same masks. Tracing/scripting (export) uses the full paste."""
+    if soft.device.type == "cpu" and not torch.jit.is_tracing() and not torch.jit.is_scripting():
+        return paste_masks_in_boxes(soft, padded_size, image_size, output_size, thresh)
+    return paste_masks_full(soft, padded_size, image_size, output_size, thresh)

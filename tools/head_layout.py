@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Does the SOLO head (GroupNorm towers) run faster in channels-last memory format? Times the
+head's forward on one model's calibrated random-weight features, standard layout and
+channels-last alternating, float32 and bfloat16 (``MODEL.SOLO.INFERENCE_DTYPE``'s autocast).
+
+    python tools/head_layout.py --model SOLO --runs 3 --threads 1
+"""
+import argparse
+import statistics
+import time
+
+import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
+import torch
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="SOLO")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per layout (alternating)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from benchmark import MODELS, build
+
+    from _common import calibrate_frozen_bn
+
+    model = build(a.model, a.device).eval()
+    h, w = MODELS[a.model][1]
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device=a.device)
+    calibrate_frozen_bn(model, image)
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        f = model.run_backbone(images.tensor)
+        feats = [f[k] for k in model.in_features]
+        for dtype in ("float32", "bfloat16"):
+            model.inference_dtype = dtype
+            times = {}
+            for cl in (False, True) * (a.runs + 1):  # the first pair is a warm-up
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                model.head.to(memory_format=fmt)
+                x = [t.contiguous(memory_format=fmt) for t in feats]
+                with model.inference_autocast():
+                    sync()
+                    t0 = time.perf_counter()
+                    model.head(x)
+                    sync()
+                times.setdefault(cl, []).append(time.perf_counter() - t0)
+            for cl, ts in times.items():
+                ts = [t * 1000 for t in ts[1:]]
+                print(f"{a.model} {h}x{w} {dtype} head, {'channels-last' if cl else 'standard layout'}: "
+                      f"median {statistics.median(ts):.0f} ms (min {min(ts):.0f}, max {max(ts):.0f}, "
+                      f"n={len(ts)}), threads {a.threads}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
