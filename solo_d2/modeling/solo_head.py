@@ -92,8 +92,10 @@ class BaseSOLOHead(nn.Module):
       * ``cate_logits[l]``: (N, num_classes, S_l, S_l) float, category logits of each cell.
       * ``mask_feats[l]``: float (N, E_l, h_l, w_l), the level's mask features: whatever the head
         forms masks from (vanilla SOLO: the mask tower output; Decoupled SOLO: the X and Y
-        logits). Only :meth:`mask_probs`, :meth:`full_mask_probs` and :meth:`mask_size`
-        interpret them.
+        logits), or a tuple of such tensors, each with the batch first (SOLOv2: the level's
+        kernels and the unified mask feature). Only :meth:`mask_probs`,
+        :meth:`full_mask_probs` and :meth:`mask_size` interpret them; :meth:`mask_feat_tensors`
+        and :meth:`image_mask_feat` handle either form.
 
     Levels are resized first (P2 x0.5 to P3's size, the last level to the size of the one before),
     so masks have strides [4, 4, 8, 16, 16] for P2..P6 inputs: the mask tower runs at the resized
@@ -262,9 +264,27 @@ class BaseSOLOHead(nn.Module):
         cate_logits, mask_feats = [], []
         for level, (feat, s) in enumerate(zip(feats, self.num_grids)):
             mask_feats.append(self.mask_forward(feat, level))
-            cate_feat = F.interpolate(feat, size=(s, s), mode="bilinear")
-            cate_logits.append(self.cate_pred(self.cate_tower(cate_feat)))
+            cate_logits.append(self.cate_pred(self.cate_tower(self.resize_to_grid(feat, level))))
         return cate_logits, mask_feats
+
+    def resize_to_grid(self, feat: torch.Tensor, level: int) -> torch.Tensor:
+        """(N, C, h, w) -> (N, C, S, S), bilinear: the category branch's input (SOLOv2's kernel
+        branch resizes its input the same way)."""
+        s = self.num_grids[level]
+        return F.interpolate(feat, size=(s, s), mode="bilinear")
+
+    # ---- mask features as a whole (a tensor, or a tuple of tensors for SOLOv2) -------------------
+    @staticmethod
+    def mask_feat_tensors(mask_feat) -> List[torch.Tensor]:
+        """The tensors of one level's ``mask_feats`` entry (to keep them in the graph)."""
+        return list(mask_feat) if isinstance(mask_feat, tuple) else [mask_feat]
+
+    @staticmethod
+    def image_mask_feat(mask_feat, b: int):
+        """One level's ``mask_feats`` entry for image ``b`` alone (a batch of one)."""
+        if isinstance(mask_feat, tuple):
+            return tuple(t[b : b + 1] for t in mask_feat)
+        return mask_feat[b : b + 1]
 
     @staticmethod
     def resize_features(features: List[torch.Tensor]) -> List[torch.Tensor]:
