@@ -29,7 +29,8 @@ def few_images(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "head, amp", [("SOLOHead", False), ("DecoupledSOLOHead", False), ("DecoupledSOLOHead", True)]
+    "head, amp",
+    [("SOLOHead", False), ("DecoupledSOLOHead", False), ("DecoupledSOLOHead", True), ("SOLOv2Head", False)],
 )
 def test_tiny_model_overfits_a_few_images(head, amp, few_images, tmp_path):
     # amp: bfloat16 autocast on CPU, as the shapes demo trains.
