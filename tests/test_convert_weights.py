@@ -401,7 +401,7 @@ def test_config_choice(head_type, depth, dcn, name, config, note):
         assert len(notes) == 1 and note in notes[0]
 
 
-@pytest.mark.parametrize("head_type", ["SOLO", "DecoupledSOLO", "DecoupledSOLOLight"])
+@pytest.mark.parametrize("head_type", ["SOLO", "DecoupledSOLO", "DecoupledSOLOLight", "SOLOv2"])
 def test_real_mmdet_state_dict_with_printed_config_and_opts(head_type, tmp_path, capsys):
     """mmdetection's own state dict (from the parity fixture): the printed config plus the
     printed --opts build a model that loads the converted file strictly."""
