@@ -51,6 +51,7 @@ MODELS = {
     "SOLO_S2": (COCO + "SOLO_R50_1x.yaml", (800, 1333)),
     "DecoupledSOLO": (COCO + "DecoupledSOLO_R50_1x.yaml", (800, 1333)),
     "DecoupledSOLO_Light": (COCO + "DecoupledSOLO_Light_R50_3x.yaml", (512, 852)),
+    "SOLOv2": (COCO + "SOLOv2_R50_1x.yaml", (800, 1333)), "SOLOv2_Light": (COCO + "SOLOv2_Light_R50.yaml", (448, 768)),
     "MaskRCNN": ("model_zoo:COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", (800, 1333)),
 }
 DEFAULT_MODELS = ["SOLO", "DecoupledSOLO", "DecoupledSOLO_Light", "MaskRCNN"]

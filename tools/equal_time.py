@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Mask AP against training wall-clock time: SOLO, Decoupled SOLO and Mask R-CNN trained from
-scratch for the same minutes on the built-in shapes dataset, on this machine.
+"""Mask AP against training wall-clock time: SOLO, Decoupled SOLO, SOLOv2 and Mask R-CNN trained
+from scratch for the same minutes on the built-in shapes dataset, on this machine.
 
     python tools/equal_time.py --minutes 8 --points 4 --output output/equal_time
 
-Each model trains with the same backbone (the SOLO shapes config's ResNet-FPN with GroupNorm, from
+SOLOv2 is the SOLO config with ``SOLOv2Head`` and the mask feature sizes of
+``configs/Shapes/SOLOv2_R18_shapes.yaml`` (E = 64, 64-channel mask feature branch). Each model
+trains with the same backbone (the SOLO shapes config's ResNet-FPN with GroupNorm, from
 scratch), the same input sizes, batch, optimiser, warm-up and constant learning rate after it (a
 step schedule needs a known iteration count, which a time budget does not give). Mask R-CNN is
 Detectron2's ``mask_rcnn_R_50_FPN_1x.yaml`` heads with GroupNorm in its box and mask heads (as in
@@ -118,7 +120,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default="configs/Shapes/SOLO_R18_shapes.yaml")
     p.add_argument("--models", nargs="+", default=["SOLO", "DecoupledSOLO", "MaskRCNN"],
-                   choices=["SOLO", "DecoupledSOLO", "MaskRCNN"])
+                   choices=["SOLO", "DecoupledSOLO", "SOLOv2", "MaskRCNN"])
     p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--points", type=int, default=4)
     p.add_argument("--output", default="output/equal_time")
@@ -133,6 +135,9 @@ def main(argv=None):
     cfgs = {
         "SOLO": solo,
         "DecoupledSOLO": solo_cfg(args.config_file, args.opts + ["MODEL.SOLO.HEAD_TYPE", "DecoupledSOLOCompactHead"]),
+        "SOLOv2": solo_cfg(args.config_file, args.opts + [
+            "MODEL.SOLO.HEAD_TYPE", "SOLOv2Head", "MODEL.SOLO.MASK_FEATURE_DIM", "64",
+            "MODEL.SOLO.MASK_FEATURE_CHANNELS", "64"]),
         "MaskRCNN": mask_rcnn_cfg(solo, args.opts),
     }
     results = {}

@@ -149,14 +149,19 @@ class SOLOv2Head(BaseSOLOHead):
 
     def mask_probs(self, mask_feat, level, img_idx, cell_idx, out_size=None):
         kernels, feat = mask_feat
-        chosen = kernels.flatten(2)[img_idx, :, cell_idx]  # (K, D)
+        s2 = kernels.shape[-2] * kernels.shape[-1]
+        # Each distinct (image, cell) once: at inference one cell is a candidate for every class
+        # above the score threshold.
+        key, inverse = torch.unique(img_idx * s2 + cell_idx, return_inverse=True)
+        img_u, cell_u = key // s2, key % s2
+        chosen = kernels.flatten(2)[img_u, :, cell_u]  # (U, D)
         h, w = feat.shape[-2:]
-        out = feat.new_empty((img_idx.numel(), h, w))
+        out = feat.new_empty((key.numel(), h, w))
         # Group by image (a loop over the batch, not over cells): one product per image.
-        for b in torch.unique(img_idx).tolist():
-            sel = (img_idx == b).nonzero().squeeze(1)
+        for b in torch.unique(img_u).tolist():
+            sel = (img_u == b).nonzero().squeeze(1)
             out = out.index_put((sel,), self._masks(chosen[sel], feat[b : b + 1]).to(out.dtype))
-        return resize_probs(out.sigmoid(), out_size)
+        return resize_probs(out.sigmoid(), out_size)[inverse]
 
     def full_mask_probs(self, mask_feat, level):
         kernels, feat = mask_feat
