@@ -22,7 +22,8 @@ Head types (from the mask output layers): ``"SOLO"`` (one S^2-channel conv per l
 ``"DecoupledSOLOLight"`` (one tower, X and Y output convs) and ``"SOLOv2"`` (a kernel conv and
 a mask feature branch; its weights do not give the grid numbers, which come from the config).
 The published SOLOv2 DCN models use modulated deformable convs (DCN v2), which solo_d2 does not
-implement: their ``conv_offset`` keys are refused (leftover keys or shape mismatch). Deformable tower convs (mmcv /
+implement: their ``conv_offset`` keys are refused (leftover keys or shape mismatch).
+Deformable tower convs (mmcv /
 mmdet 1.x ``DeformConvPack``: ``conv.weight`` + ``conv.conv_offset.*``) map to
 :class:`solo_d2.modeling.layers.DeformConv3x3`; deformable backbone convs (the light DCN
 model's ``layer{2..4}.{b}.conv2.conv_offset.*``) select ``build_solo_resnet_fpn_backbone`` with
@@ -464,7 +465,8 @@ def _describe_solov2_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, boo
     ]
     if stray:
         raise ConversionError(f"leftover keys: SOLOv2 checkpoint also has {sorted(stray)[:8]}")
-    _missing([f"head.{c}.{w}" for c in ("cate_pred", "kernel_pred") for w in ("weight", "bias")], sd)
+    _missing([f"head.{c}.{w}" for c in ("cate_pred", "kernel_pred") for w in ("weight", "bias")],
+             sd)
     sizes = {t: _tower_size(sd, t, has_norm[t]) for t in towers}
     if len({s for s in sizes.values()}) != 1:
         raise ConversionError(f"unsupported layout: towers of different sizes {sizes}")
@@ -565,7 +567,8 @@ def config_file_for(conv: ConvertedCheckpoint,
 
     Chosen from the head type, the ResNet depth, light / DCN and (for schedules that exist as
     both 1x and 3x) a "1x" in ``source_name``. SOLOv2 is "light" when its towers have fewer
-    than 4 convs (the published light models have 2, the others 4). A depth without a config gives the closest one
+    than 4 convs (the published light models have 2, the others 4). A depth without a config
+    gives the closest one
     with a note saying which keys to change.
     """
     head = conv.head or "SOLO"

@@ -19,9 +19,9 @@ class MaskFeatureHead(nn.Module):
     Level i of the ``num_levels`` inputs (P2, P3, ... at strides 4, 8, ...) is brought to the
     finest level's size by ``max(i, 1)`` (3x3 conv, norm, ReLU) blocks, each but the first
     level's followed by a x2 bilinear upsample (align_corners=False); the *coarsest* level gets
-    the two coordinate channels (x, y in [-1, 1], :func:`~solo_d2.modeling.layers.coord_features`)
-    before its first conv. The levels are summed, then a 1x1 conv (norm, ReLU) gives ``out_channels``
-    channels.
+    the two coordinate channels (x, y in [-1, 1],
+    :func:`~solo_d2.modeling.layers.coord_features`) before its first conv. The levels are
+    summed, then a 1x1 conv (norm, ReLU) gives ``out_channels`` channels.
 
     Input: ``num_levels`` tensors (N, in_channels, H_i, W_i), finest first, each twice the size
     of the next (FPN outputs of an input padded to a multiple of 32 are).
