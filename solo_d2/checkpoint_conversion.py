@@ -4,18 +4,26 @@ Three source layouts are recognised from their keys:
 
 - ``"mmdet"``: mmdetection 2.x / 3.x ``SOLO`` detectors (``backbone.``, ``neck.``,
   ``mask_head.`` with ``cls_convs``, ``conv_cls``, ``mask_convs[_x|_y]``,
-  ``conv_mask_list[_x|_y]``). 2.x and 3.x use the same names.
+  ``conv_mask_list[_x|_y]``) and ``SOLOv2`` detectors (``mask_head.`` with ``cls_convs``,
+  ``conv_cls``, ``kernel_convs``, ``conv_kernel`` and ``mask_feature_head.convs_all_levels.{i}
+  .conv{j}`` / ``mask_feature_head.conv_pred``). 2.x and 3.x use the same names.
 - ``"official"``: the official SOLO repository (github.com/WXinlong/SOLO, mmdetection 1.x):
   ``bbox_head.`` with ``cate_convs``, ``solo_cate`` / ``dsolo_cate``, ``ins_convs[_x|_y]``,
   ``solo_ins_list`` / ``dsolo_ins_list_x|_y``. Its configs say ``num_classes=81`` (background
   included) but its category conv has ``num_classes - 1`` output channels and no background
-  channel, exactly like solo_d2's: channels map one to one.
+  channel, exactly like solo_d2's: channels map one to one. Its SOLOv2 checkpoints have
+  ``bbox_head.`` with ``cate_convs``, ``solo_cate``, ``kernel_convs``, ``solo_kernel`` and a
+  separate ``mask_feat_head.`` (``convs_all_levels.{i}.conv{j}``, ``conv_pred.0``).
 - ``"torchvision"``: a torchvision ResNet ImageNet state dict (``conv1``, ``bn1``, ``layer1..4``,
   ``fc`` dropped): only ``backbone.bottom_up.*`` comes out, for training from scratch.
 
 Head types (from the mask output layers): ``"SOLO"`` (one S^2-channel conv per level),
-``"DecoupledSOLO"`` (separate X and Y towers, one coordinate channel each) and
-``"DecoupledSOLOLight"`` (one tower, X and Y output convs). Deformable tower convs (mmcv /
+``"DecoupledSOLO"`` (separate X and Y towers, one coordinate channel each),
+``"DecoupledSOLOLight"`` (one tower, X and Y output convs) and ``"SOLOv2"`` (a kernel conv and
+a mask feature branch; its weights do not give the grid numbers, which come from the config).
+The published SOLOv2 DCN models use modulated deformable convs (DCN v2), which solo_d2 does not
+implement: their ``conv_offset`` keys are refused (leftover keys or shape mismatch).
+Deformable tower convs (mmcv /
 mmdet 1.x ``DeformConvPack``: ``conv.weight`` + ``conv.conv_offset.*``) map to
 :class:`solo_d2.modeling.layers.DeformConv3x3`; deformable backbone convs (the light DCN
 model's ``layer{2..4}.{b}.conv2.conv_offset.*``) select ``build_solo_resnet_fpn_backbone`` with
@@ -34,7 +42,8 @@ solo_d2 names (Detectron2's ResNet/FPN, the heads of :mod:`solo_d2.modeling.head
 ``backbone.fpn_lateral{2..5}``, ``backbone.fpn_output{2..5}``, ``head.cate_tower.{i}``
 (``[conv, norm, ReLU]`` per conv, or ``[conv, ReLU]`` without norm), ``head.cate_pred``,
 ``head.mask_tower`` / ``head.mask_tower_x`` / ``head.mask_tower_y``, ``head.mask_preds.{l}`` or
-``head.mask_preds.{l}.x`` / ``.y``.
+``head.mask_preds.{l}.x`` / ``.y``; SOLOv2: ``head.kernel_tower.{i}``, ``head.kernel_pred``,
+``head.mask_feature.levels.{i}.{j}[.norm]``, ``head.mask_feature.pred[.norm]``.
 
 Every source key is either mapped or named in an error; nothing is dropped silently except
 BatchNorm's ``num_batches_tracked`` counters, torchvision's ``fc`` classifier and mmengine's
@@ -102,6 +111,11 @@ class ConvertedCheckpoint:
     num_stacked_convs: Optional[int] = None
     num_deformable_convs: int = 0
     norm: str = "GN"
+    #: SOLOv2 only: E, the mask feature branch's channels, its levels, the dynamic kernel size
+    mask_feature_dim: Optional[int] = None
+    mask_feature_channels: Optional[int] = None
+    mask_feature_num_levels: Optional[int] = None
+    dynamic_kernel_size: Optional[int] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +242,9 @@ _MMDET_HEAD = {
     "conv_mask_list": ("mask_preds", "list"),
     "conv_mask_list_x": ("mask_preds", "list_x"),
     "conv_mask_list_y": ("mask_preds", "list_y"),
+    "kernel_convs": ("kernel_tower", "tower"),
+    "conv_kernel": ("kernel_pred", "conv"),
+    "mask_feature_head": ("mask_feature", "mask_feature"),
 }
 _OFFICIAL_HEAD = {
     "cate_convs": "cls_convs",
@@ -239,6 +256,8 @@ _OFFICIAL_HEAD = {
     "solo_ins_list": "conv_mask_list",
     "dsolo_ins_list_x": "conv_mask_list_x",
     "dsolo_ins_list_y": "conv_mask_list_y",
+    "kernel_convs": "kernel_convs",
+    "solo_kernel": "conv_kernel",
 }
 
 
@@ -250,6 +269,16 @@ def _head_key(module: str, rest: str, has_norm: Dict[str, bool]) -> Optional[str
     if kind == "conv":
         m = re.fullmatch(r"(weight|bias)", rest)
         return f"head.{name}.{m[1]}" if m else None
+    if kind == "mask_feature":
+        # ConvModules: conv j of level i, and the 1x1 conv_pred (official: conv_pred.0)
+        m = re.fullmatch(r"convs_all_levels\.(\d+)\.conv(\d+)\.(conv|gn)\.(weight|bias)", rest)
+        if m:
+            norm = ".norm" if m[3] == "gn" else ""
+            return f"head.{name}.levels.{m[1]}.{m[2]}{norm}.{m[4]}"
+        m = re.fullmatch(r"conv_pred\.(?:0\.)?(conv|gn)\.(weight|bias)", rest)
+        if m:
+            return f"head.{name}.pred{'.norm' if m[1] == 'gn' else ''}.{m[2]}"
+        return None
     if kind.startswith("list"):
         m = re.fullmatch(r"(\d+)\.(weight|bias)", rest)
         if not m:
@@ -291,7 +320,9 @@ def convert_state_dict(sd: Dict[str, torch.Tensor]) -> ConvertedCheckpoint:
             continue
         if k.startswith("data_preprocessor."):
             continue
-        if head_prefix and k.startswith(head_prefix):
+        if layout == "official" and k.startswith("mask_feat_head."):  # SOLOv2's mask feature
+            head_src[("mask_feature_head", k[len("mask_feat_head."):])] = (k, v)
+        elif head_prefix and k.startswith(head_prefix):
             module, _, rest = k[len(head_prefix):].partition(".")
             if layout == "official":
                 module = _OFFICIAL_HEAD.get(module, "?" + module)
@@ -425,7 +456,57 @@ def _tower_size(sd, name: str, has_norm: bool) -> Tuple[int, int, bool]:
     return n, len(deform), has_norm
 
 
+def _describe_solov2_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, bool]) -> None:
+    towers = ["cate_tower", "kernel_tower"]
+    stray = [
+        k for k in sd
+        if k.startswith("head.") and k.split(".")[1] not in towers + ["cate_pred", "kernel_pred",
+                                                                     "mask_feature"]
+    ]
+    if stray:
+        raise ConversionError(f"leftover keys: SOLOv2 checkpoint also has {sorted(stray)[:8]}")
+    _missing([f"head.{c}.{w}" for c in ("cate_pred", "kernel_pred") for w in ("weight", "bias")],
+             sd)
+    sizes = {t: _tower_size(sd, t, has_norm[t]) for t in towers}
+    if len({s for s in sizes.values()}) != 1:
+        raise ConversionError(f"unsupported layout: towers of different sizes {sizes}")
+    n, n_def, tower_norm = sizes["cate_tower"]
+    if n == 0:
+        raise ConversionError("missing keys: head.cate_tower has no convs")
+    mf = "head.mask_feature."
+    levels = sorted({int(k.split(".")[3]) for k in sd if k.startswith(mf + "levels.")})
+    if not levels or levels != list(range(len(levels))):
+        raise ConversionError(f"missing keys: mask feature levels {levels} (expected 0..L-1)")
+    mf_norm = has_norm["mask_feature"]
+    params = ["weight", "norm.weight", "norm.bias"] if mf_norm else ["weight", "bias"]
+    _missing([f"{mf}levels.{i}.{j}.{p}" for i in levels for j in range(max(i, 1)) for p in params]
+             + [f"{mf}pred.{p}" for p in params], sd)
+    if mf_norm != tower_norm:
+        raise ConversionError("unsupported layout: the mask feature branch and the towers differ "
+                              "in normalisation (solo_d2's MODEL.SOLO.NORM is one setting)")
+    e = int(sd[mf + "pred.weight"].shape[0])
+    d = int(sd["head.kernel_pred.weight"].shape[0])
+    k = int(round((d / e)**0.5))
+    if k * k * e != d:
+        raise ConversionError(
+            f"shape mismatch: head.kernel_pred.weight has {d} channels, not E * k^2 for the mask "
+            f"feature's E = {e}")
+    info.head = "SOLOv2"
+    info.num_classes = int(sd["head.cate_pred.weight"].shape[0])
+    info.num_grids = None  # not in the weights: the config's
+    info.conv_channels = int(sd["head.cate_pred.weight"].shape[1])
+    info.num_stacked_convs = n
+    info.num_deformable_convs = n_def
+    info.norm = "GN" if tower_norm else ""
+    info.mask_feature_dim = e
+    info.mask_feature_channels = int(sd[mf + "pred.weight"].shape[1])
+    info.mask_feature_num_levels = len(levels)
+    info.dynamic_kernel_size = k
+
+
 def _describe_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, bool]) -> None:
+    if "head.kernel_pred.weight" in sd:
+        return _describe_solov2_head(sd, info, has_norm)
     if "head.mask_preds.0.weight" in sd:
         head, towers = "SOLO", ["cate_tower", "mask_tower"]
     elif "head.mask_preds.0.x.weight" in sd:
@@ -435,8 +516,8 @@ def _describe_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, bool]) -> 
             head, towers = "DecoupledSOLOLight", ["cate_tower", "mask_tower"]
     else:
         raise ConversionError(
-            "missing keys: no mask output convs (mmdet 'conv_mask_list' / 'conv_mask_list_x|y', "
-            "official 'solo_ins_list' / 'dsolo_ins_list_x|y')")
+            "missing keys: no mask output convs (mmdet 'conv_mask_list' / 'conv_mask_list_x|y' / "
+            "'conv_kernel', official 'solo_ins_list' / 'dsolo_ins_list_x|y' / 'solo_kernel')")
     stray = [
         k for k in sd
         if k.startswith("head.") and k.split(".")[1] not in towers + ["cate_pred", "mask_preds"]
@@ -485,25 +566,31 @@ def config_file_for(conv: ConvertedCheckpoint,
     """The ``configs/COCO-InstanceSegmentation/*.yaml`` path for a converted checkpoint, and notes.
 
     Chosen from the head type, the ResNet depth, light / DCN and (for schedules that exist as
-    both 1x and 3x) a "1x" in ``source_name``. A depth without a config gives the closest one
+    both 1x and 3x) a "1x" in ``source_name``. SOLOv2 is "light" when its towers have fewer
+    than 4 convs (the published light models have 2, the others 4). A depth without a config
+    gives the closest one
     with a note saying which keys to change.
     """
     head = conv.head or "SOLO"
     base = {
         "SOLO": "SOLO",
         "DecoupledSOLO": "DecoupledSOLO",
-        "DecoupledSOLOLight": "DecoupledSOLO_Light"
+        "DecoupledSOLOLight": "DecoupledSOLO_Light",
+        "SOLOv2": "SOLOv2",
     }[head]
+    if head == "SOLOv2" and conv.num_stacked_convs is not None and conv.num_stacked_convs < 4:
+        base += "_Light"
     if head == "DecoupledSOLOLight" and (conv.num_deformable_convs or any(conv.deform_stages)):
         base += "_DCN"
     folder = os.path.join(root, _CONFIG_DIR)
     available = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    pattern = re.compile(rf"^{re.escape(base)}_R(\d+)_(\dx)\.yaml$")
+    # schedule-less names (SOLOv2_Light_R18.yaml) count as 3x
+    pattern = re.compile(rf"^{re.escape(base)}_R(\d+)(?:_(\dx))?\.yaml$")
     found = {}
     for f in available:
         m = pattern.match(f)
         if m:
-            found.setdefault(int(m[1]), []).append(m[2])
+            found.setdefault(int(m[1]), []).append(m[2] or "")
     notes = []
     if not found:
         raise ConversionError(f"no config {base}_R*_*.yaml in {folder}")
@@ -516,7 +603,7 @@ def config_file_for(conv: ConvertedCheckpoint,
     schedules = found[depth]
     sched = "1x" if "1x" in os.path.basename(source_name) and "1x" in schedules else (
         "3x" if "3x" in schedules else schedules[0])
-    path = os.path.join(_CONFIG_DIR, f"{base}_R{depth}_{sched}.yaml")
+    path = os.path.join(_CONFIG_DIR, f"{base}_R{depth}{'_' + sched if sched else ''}.yaml")
     return path, notes
 
 
@@ -536,6 +623,10 @@ _SIZE_KEYS = [
     "MODEL.SOLO.NUM_STACKED_CONVS",
     "MODEL.SOLO.NUM_DEFORMABLE_CONVS",
     "MODEL.SOLO.NORM",
+    "MODEL.SOLO.MASK_FEATURE_DIM",
+    "MODEL.SOLO.MASK_FEATURE_CHANNELS",
+    "MODEL.SOLO.MASK_FEATURE_NUM_LEVELS",
+    "MODEL.SOLO.DYNAMIC_KERNEL_SIZE",
 ]
 
 
@@ -573,7 +664,8 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
         cfg.MODEL.BACKBONE.NAME = "build_solo_resnet_fpn_backbone"
         r.DEFORM_MODULATED = False
         r.DEFORM_NUM_GROUPS = 1
-    elif conv.depth in (18, 34):
+    elif conv.depth in (18, 34) and (conv.stem_channels, conv.res2_channels) != (64, 64):
+        # Detectron2's builder needs 64-channel stem and res2 for ResNet-18/34
         cfg.MODEL.BACKBONE.NAME = "build_narrow_resnet_fpn_backbone"
     if conv.depth not in (18, 34):
         r.NUM_GROUPS = 1
@@ -584,10 +676,16 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
     if conv.head is not None:
         s = cfg.MODEL.SOLO
         s.NUM_CLASSES = conv.num_classes
-        if len(conv.num_grids) != len(s.NUM_GRIDS):
-            raise ConversionError(f"the checkpoint has {len(conv.num_grids)} levels, the config "
-                                  f"{len(s.NUM_GRIDS)} (MODEL.SOLO.NUM_GRIDS)")
-        s.NUM_GRIDS = list(conv.num_grids)
+        if conv.num_grids is not None:  # SOLOv2's weights do not give them: the config's
+            if len(conv.num_grids) != len(s.NUM_GRIDS):
+                raise ConversionError(f"the checkpoint has {len(conv.num_grids)} levels, the "
+                                      f"config {len(s.NUM_GRIDS)} (MODEL.SOLO.NUM_GRIDS)")
+            s.NUM_GRIDS = list(conv.num_grids)
+        if conv.head == "SOLOv2":
+            s.MASK_FEATURE_DIM = conv.mask_feature_dim
+            s.MASK_FEATURE_CHANNELS = conv.mask_feature_channels
+            s.MASK_FEATURE_NUM_LEVELS = conv.mask_feature_num_levels
+            s.DYNAMIC_KERNEL_SIZE = conv.dynamic_kernel_size
         s.CONV_CHANNELS = conv.conv_channels
         s.NUM_STACKED_CONVS = conv.num_stacked_convs
         s.NUM_DEFORMABLE_CONVS = conv.num_deformable_convs

@@ -71,7 +71,8 @@ def add_solo_config(cfg):
     # Head (solo_d2.modeling.heads): "SOLOHead" (vanilla, S^2 mask channels per level),
     # "DecoupledSOLOHead" (published Decoupled SOLO: separate X / Y towers, S + S channels),
     # "DecoupledSOLOLightHead" (published light: one shared tower) or "DecoupledSOLOCompactHead"
-    # (solo_d2's own variant: one shared tower, 1x1 X / Y convs).
+    # (solo_d2's own variant: one shared tower, 1x1 X / Y convs) or "SOLOv2Head" (SOLOv2: a
+    # dynamic kernel per cell on one unified mask feature).
     _C.MODEL.SOLO.HEAD_TYPE = "SOLOHead"
     # Channels of every conv in both towers.
     _C.MODEL.SOLO.CONV_CHANNELS = 256
@@ -96,6 +97,17 @@ def add_solo_config(cfg):
     # training from scratch (BENCHMARKS.md, "Learning and the demo"). The output convs keep N(0, 0.01) and
     # the prior biases either way.
     _C.MODEL.SOLO.TOWER_INIT = "normal"
+
+    # SOLOv2Head only. CONV_CHANNELS, NUM_STACKED_CONVS, NUM_DEFORMABLE_CONVS and NORM apply to
+    # its category and kernel towers alike (the reference shares them).
+    # E: channels of the unified mask feature, which each cell's kernel is convolved with.
+    _C.MODEL.SOLO.MASK_FEATURE_DIM = 256
+    # Channels of the mask feature branch's per-level convs (before its 1x1 conv to E).
+    _C.MODEL.SOLO.MASK_FEATURE_CHANNELS = 128
+    # The unified mask feature is built from this many of the finest IN_FEATURES (P2-P5).
+    _C.MODEL.SOLO.MASK_FEATURE_NUM_LEVELS = 4
+    # k: spatial size of each dynamic kernel (odd); a cell's kernel has E * k * k values.
+    _C.MODEL.SOLO.DYNAMIC_KERNEL_SIZE = 1
 
     # Losses: L = LOSS_CATE_WEIGHT * focal + LOSS_MASK_WEIGHT * dice.
     _C.MODEL.SOLO.LOSS_CATE_WEIGHT = 1.0

@@ -21,6 +21,9 @@ def test_all_configs_are_listed():
         "Base-SOLO.yaml", "SOLO_R50_1x.yaml", "SOLO_R50_3x.yaml", "SOLO_R101_3x.yaml",
         "DecoupledSOLO_R50_1x.yaml", "DecoupledSOLO_R50_3x.yaml", "DecoupledSOLO_R101_3x.yaml",
         "DecoupledSOLO_Light_R50_3x.yaml", "DecoupledSOLO_Light_DCN_R50_3x.yaml",
+        "SOLOv2_R50_1x.yaml", "SOLOv2_R50_3x.yaml", "SOLOv2_R101_3x.yaml",
+        "SOLOv2_Light_R18.yaml", "SOLOv2_Light_R34.yaml", "SOLOv2_Light_R50.yaml",
+        "SOLOv2_R18_shapes.yaml",
     ]:
         assert expected in names
 
@@ -81,7 +84,7 @@ def test_published_configs_use_torchvision_style_inputs():
     # The published models: torchvision ResNets (stride in the 3x3 conv), RGB input normalised
     # with torchvision's ImageNet statistics, a converted torchvision checkpoint (never a URL).
     published = [c for c in CONFIGS if "COCO-InstanceSegmentation" in c]
-    assert len(published) == 9  # the base and one per published model (8)
+    assert len(published) == 15  # the base and one per published model (8 SOLO, 6 SOLOv2)
     for path in published:
         cfg = _load(path)
         assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False and cfg.INPUT.FORMAT == "RGB", path
@@ -93,6 +96,31 @@ def test_published_configs_use_torchvision_style_inputs():
     assert heads["DecoupledSOLO_R50_1x"] == heads["DecoupledSOLO_R101_3x"] == "DecoupledSOLOHead"
     assert heads["DecoupledSOLO_Light_DCN_R50_3x"] == "DecoupledSOLOLightHead"
     assert _load("configs/COCO-InstanceSegmentation/SOLO_R101_3x.yaml").MODEL.RESNETS.DEPTH == 101
+
+
+def test_solov2_configs_are_the_published_ones():
+    # The official repository's configs/solov2/*.py and mmdetection 3.3.0's configs/solov2/*.py.
+    def solo(name):
+        return _load(f"configs/COCO-InstanceSegmentation/{name}.yaml")
+
+    for name in ["SOLOv2_R50_1x", "SOLOv2_R50_3x", "SOLOv2_R101_3x"]:
+        cfg = solo(name)
+        s = cfg.MODEL.SOLO
+        assert s.HEAD_TYPE == "SOLOv2Head" and (s.CONV_CHANNELS, s.NUM_STACKED_CONVS) == (512, 4), name
+        assert (s.MASK_FEATURE_DIM, s.MASK_FEATURE_CHANNELS, s.DYNAMIC_KERNEL_SIZE) == (256, 128, 1), name
+        assert s.SCALE_RANGES == [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]], name
+        assert s.NUM_GRIDS == [40, 36, 24, 16, 12] and cfg.INPUT.MIN_SIZE_TEST == 800, name
+    assert solo("SOLOv2_R50_1x").INPUT.MIN_SIZE_TRAIN == (800,)
+    assert solo("SOLOv2_R50_3x").INPUT.MIN_SIZE_TRAIN == (640, 672, 704, 736, 768, 800)
+    assert solo("SOLOv2_R101_3x").MODEL.RESNETS.DEPTH == 101
+    for name, depth in [("SOLOv2_Light_R18", 18), ("SOLOv2_Light_R34", 34), ("SOLOv2_Light_R50", 50)]:
+        cfg = solo(name)
+        s = cfg.MODEL.SOLO
+        assert cfg.MODEL.RESNETS.DEPTH == depth, name
+        assert (s.CONV_CHANNELS, s.NUM_STACKED_CONVS, s.MASK_FEATURE_DIM, s.MASK_FEATURE_CHANNELS) == (256, 2, 128, 128), name
+        assert s.SCALE_RANGES == [[1, 56], [28, 112], [56, 224], [112, 448], [224, 896]], name
+        assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.MAX_SIZE_TRAIN) == (448, 768, 768), name
+        assert cfg.INPUT.MIN_SIZE_TRAIN == (352, 384, 416, 448, 480, 512), name
 
 
 def test_fpn_matches_the_reference_fpn():

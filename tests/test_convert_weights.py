@@ -401,7 +401,7 @@ def test_config_choice(head_type, depth, dcn, name, config, note):
         assert len(notes) == 1 and note in notes[0]
 
 
-@pytest.mark.parametrize("head_type", ["SOLO", "DecoupledSOLO", "DecoupledSOLOLight"])
+@pytest.mark.parametrize("head_type", ["SOLO", "DecoupledSOLO", "DecoupledSOLOLight", "SOLOv2"])
 def test_real_mmdet_state_dict_with_printed_config_and_opts(head_type, tmp_path, capsys):
     """mmdetection's own state dict (from the parity fixture): the printed config plus the
     printed --opts build a model that loads the converted file strictly."""
@@ -459,3 +459,124 @@ def test_torchvision_resnet_features_match(arch, tmp_path, capsys):
         for i in range(1, 5):
             y = getattr(tv, f"layer{i}")(y)
             torch.testing.assert_close(ours[f"res{i + 1}"], y, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# SOLOv2
+# ---------------------------------------------------------------------------------------------
+def head_v2(names="mmdet", ch=32, convs=2, classes=3, e=32, mf_ch=32, in_ch=32, k=1, dcn=False):
+    """A SOLOv2 head in mmdetection's names (``mask_head.`` with ``kernel_convs``,
+    ``conv_kernel``, ``mask_feature_head.``) or the official repository's (``bbox_head.`` with
+    ``kernel_convs``, ``solo_kernel``, and a top-level ``mask_feat_head.`` whose 1x1 conv is
+    ``conv_pred.0``). ``dcn``: every tower conv modulated-deformable (DCN v2, 27 channels)."""
+    if names == "mmdet":
+        p, cls, conv_cls, conv_kernel = "mask_head.", "cls_convs", "conv_cls", "conv_kernel"
+        mf, pred = "mask_head.mask_feature_head.", "conv_pred"
+    else:
+        p, cls, conv_cls, conv_kernel = "bbox_head.", "cate_convs", "solo_cate", "solo_kernel"
+        mf, pred = "mask_feat_head.", "conv_pred.0"
+    sd = {}
+
+    def module(name, cin, cout, ksize):
+        sd[f"{name}.conv.weight"] = _t(cout, cin, ksize, ksize)
+        sd[f"{name}.gn.weight"], sd[f"{name}.gn.bias"] = _t(cout), _t(cout)
+
+    for tower, cin in ((cls, in_ch), ("kernel_convs", in_ch + 2)):
+        for i in range(convs):
+            module(f"{p}{tower}.{i}", cin if i == 0 else ch, ch, 3)
+            if dcn:
+                sd[f"{p}{tower}.{i}.conv.conv_offset.weight"] = _t(27, cin if i == 0 else ch, 3, 3)
+                sd[f"{p}{tower}.{i}.conv.conv_offset.bias"] = _t(27)
+    sd[f"{p}{conv_cls}.weight"], sd[f"{p}{conv_cls}.bias"] = _t(classes, ch, 3, 3), _t(classes)
+    sd[f"{p}{conv_kernel}.weight"], sd[f"{p}{conv_kernel}.bias"] = _t(e * k * k, ch, 3, 3), _t(e * k * k)
+    for i in range(4):
+        for j in range(max(i, 1)):
+            cin = (in_ch + (2 if i == 3 else 0)) if j == 0 else mf_ch
+            module(f"{mf}convs_all_levels.{i}.conv{j}", cin, mf_ch, 3)
+    module(f"{mf}{pred}", mf_ch, e, 1)
+    return sd
+
+
+def source_v2(names="mmdet", depth=18, **kw):
+    bb, chans = resnet("backbone.", depth)
+    return {**bb, **fpn(chans), **head_v2(names, **kw)}
+
+
+@pytest.mark.parametrize("names", ["mmdet", "official"])
+def test_solov2_converts_and_loads(names, tmp_path, capsys):
+    sd = source_v2(names, depth=50, ch=64, convs=4, e=64, mf_ch=32)
+    src = tmp_path / "solov2_r50_fpn_1x_coco.pth"
+    torch.save({"state_dict": sd}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    assert lines[-1] == f"{COCO}/SOLOv2_R50_1x.yaml"
+    assert "SOLOv2 head, 3 classes, grids [40, 36, 24, 16, 12] (the config's" in lines[0], lines
+    opts = [l for l in lines if "--opts" in l]
+    assert len(opts) == 1
+    for expected in ["MODEL.SOLO.NUM_CLASSES 3", "MODEL.SOLO.CONV_CHANNELS 64",
+                     "MODEL.SOLO.MASK_FEATURE_DIM 64",
+                     "MODEL.SOLO.MASK_FEATURE_CHANNELS 32"]:
+        assert expected in opts[0], opts
+    assert "NUM_GRIDS" not in opts[0] and "DYNAMIC_KERNEL_SIZE" not in opts[0]
+    assert "NUM_STACKED_CONVS" not in opts[0]
+    _, out = load_into_model(tmp_path / "dst.pth", sd, lines[-1])
+    p = "mask_head." if names == "mmdet" else "bbox_head."
+    mf = "mask_head.mask_feature_head." if names == "mmdet" else "mask_feat_head."
+    pred = "conv_pred" if names == "mmdet" else "conv_pred.0"
+    kernel = "conv_kernel" if names == "mmdet" else "solo_kernel"
+    assert torch.equal(out["head.kernel_tower.3.weight"], sd[f"{p}kernel_convs.1.conv.weight"])
+    assert torch.equal(out["head.kernel_tower.10.bias"], sd[f"{p}kernel_convs.3.gn.bias"])
+    assert torch.equal(out["head.kernel_pred.bias"], sd[f"{p}{kernel}.bias"])
+    assert torch.equal(out["head.mask_feature.levels.3.2.weight"], sd[f"{mf}convs_all_levels.3.conv2.conv.weight"])
+    assert torch.equal(out["head.mask_feature.levels.0.0.norm.bias"], sd[f"{mf}convs_all_levels.0.conv0.gn.bias"])
+    assert torch.equal(out["head.mask_feature.pred.weight"], sd[f"{mf}{pred}.conv.weight"])
+    assert torch.equal(out["head.mask_feature.pred.norm.weight"], sd[f"{mf}{pred}.gn.weight"])
+
+
+def test_solov2_light_and_kernel_size(tmp_path, capsys):
+    # towers of 2 convs: a light model; a 3x3 dynamic kernel (E * 9 kernel channels)
+    sd = source_v2("mmdet", depth=18, ch=32, convs=2, e=32, k=3)
+    src = tmp_path / "solov2-light_r18_fpn_ms-3x_coco.pth"
+    torch.save({"state_dict": sd}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    assert lines[-1] == f"{COCO}/SOLOv2_Light_R18.yaml"
+    opts = [l for l in lines if "--opts" in l][0]
+    assert "MODEL.SOLO.DYNAMIC_KERNEL_SIZE 3" in opts and "MODEL.SOLO.MASK_FEATURE_DIM 32" in opts
+    conv = convert_state_dict(sd)
+    assert (conv.head, conv.dynamic_kernel_size, conv.mask_feature_num_levels) == ("SOLOv2", 3, 4)
+    load_into_model(tmp_path / "dst.pth", sd, lines[-1])
+
+
+def test_solov2_refuses_modulated_dcn_and_incomplete_mask_feature(tmp_path, capsys):
+    err = _refused({"state_dict": source_v2(dcn=True)}, tmp_path, capsys)
+    assert "shape mismatch" in err and "conv_offset" in err
+    sd = source_v2()
+    del sd["mask_head.mask_feature_head.convs_all_levels.2.conv1.gn.weight"]
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "missing keys" in err and "head.mask_feature.levels.2.1.norm.weight" in err
+    sd = source_v2()
+    sd["mask_head.conv_kernel.weight"] = _t(40, 32, 3, 3)  # not E * k^2 for E = 32
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "head.kernel_pred.weight has 40 channels" in err
+
+
+@pytest.mark.parametrize(
+    "depth,convs,name,config,note",
+    [
+        (50, 4, "solov2_r50_fpn_1x_coco.pth", "SOLOv2_R50_1x.yaml", None),
+        (50, 4, "solov2_r50_fpn_3x_coco.pth", "SOLOv2_R50_3x.yaml", None),
+        (101, 4, "SOLOv2_R101_3x.pth", "SOLOv2_R101_3x.yaml", None),
+        (18, 2, "SOLOv2_LIGHT_448_R18_3x.pth", "SOLOv2_Light_R18.yaml", None),
+        (34, 2, "x.pth", "SOLOv2_Light_R34.yaml", None),
+        (50, 2, "x_1x.pth", "SOLOv2_Light_R50.yaml", None),
+        (101, 2, "x.pth", "SOLOv2_Light_R50.yaml", "ResNet-101; the closest is R-50"),
+    ],
+)
+def test_solov2_config_choice(depth, convs, name, config, note):
+    conv = ConvertedCheckpoint(state_dict={}, layout="mmdet", head="SOLOv2", depth=depth,
+                               stem_channels=64, res2_channels=256, num_stacked_convs=convs)
+    path, notes = config_file_for(conv, name, root=ROOT)
+    assert path == f"{COCO}/{config}"
+    assert os.path.isfile(os.path.join(ROOT, path))
+    assert notes == [] if note is None else (len(notes) == 1 and note in notes[0])

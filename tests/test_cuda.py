@@ -23,7 +23,7 @@ LOW_THRESHOLDS = {
 }
 
 
-@pytest.mark.parametrize("head", ["SOLOHead", "DecoupledSOLOHead", "DecoupledSOLOLightHead"])
+@pytest.mark.parametrize("head", ["SOLOHead", "DecoupledSOLOHead", "DecoupledSOLOLightHead", "SOLOv2Head"])
 def test_amp_training_then_gpu_and_cpu_predictions_agree(head, tiny_dataset, tmp_path):
     cfg = tiny_cfg(head, **LOW_THRESHOLDS)
     cfg.MODEL.DEVICE = "cuda"

@@ -80,17 +80,17 @@ def _emulate_ddp(cfg, dataset, init_weights, world_size, iters):
     return history, model.state_dict()
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["SOLOHead", "SOLOv2Head"])
+def two_process_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     env = driver_env(make_driver_dataset(root / "data", "ddp_train", 8, seed=5), root)
     torch.manual_seed(123)
     init = root / "init.pth"
-    torch.save({"model": Trainer.build_model(tiny_cfg()).state_dict()}, init)
+    torch.save({"model": Trainer.build_model(tiny_cfg(request.param)).state_dict()}, init)
     out = root / "out"
     opts = [
         "MODEL.WEIGHTS", str(init), "SOLVER.MAX_ITER", str(ITERS), "SOLVER.IMS_PER_BATCH", str(BATCH),
-        "SOLVER.CHECKPOINT_PERIOD", "2",
+        "SOLVER.CHECKPOINT_PERIOD", "2", "MODEL.SOLO.HEAD_TYPE", request.param,
     ]
     proc = start(driver_cmd(env, out, "--num-gpus", "2", opts=opts), env, root)
     # Meanwhile, the 1-process emulation (1 thread, like each rank).

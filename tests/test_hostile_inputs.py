@@ -134,7 +134,7 @@ def test_model_output_has_requested_size(predictor):
     _check_output(out[0], 7, 300)
 
 
-@pytest.mark.parametrize("head", ["SOLOHead", "DecoupledSOLOHead"])
+@pytest.mark.parametrize("head", ["SOLOHead", "DecoupledSOLOHead", "SOLOv2Head"])
 def test_training_step_on_a_batch_of_only_empty_annotation_images(head):
     torch.manual_seed(0)
     cfg = tiny_cfg(head)

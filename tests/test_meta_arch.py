@@ -11,7 +11,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from helpers import instances, tiny_cfg
 
-HEADS = ["SOLOHead", "DecoupledSOLOHead"]
+HEADS = ["SOLOHead", "DecoupledSOLOHead", "SOLOv2Head"]
 
 
 @pytest.fixture(scope="module", params=HEADS)
@@ -199,7 +199,7 @@ def test_default_predictor_and_visualizer(tmp_path):
     assert drawn.shape == (90, 150, 3)
 
 
-def test_vanilla_and_decoupled_heads_select_the_same_cells():
+def test_every_head_selects_the_same_cells():
     batch = [
         {"image": _image(128, 128), "instances": instances(128, 128, [(10, 20, 90, 110, 1), (60, 60, 100, 80, 2)])},
         {"image": _image(128, 128, 1), "instances": instances(128, 128, [(0, 0, 40, 30, 0)])},
@@ -218,5 +218,5 @@ def test_vanilla_and_decoupled_heads_select_the_same_cells():
         model.train()
         model(batch)
         selected[head_type] = calls
-    assert selected["SOLOHead"] == selected["DecoupledSOLOHead"]
+    assert all(selected[h] == selected["SOLOHead"] for h in HEADS)
     assert sum(len(c[2]) for c in selected["SOLOHead"]) > 0

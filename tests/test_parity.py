@@ -3,7 +3,7 @@
 through solo_d2's checkpoint converter, with no mmdetection installed.
 
 Each fixture is a narrow mmdetection model (ResNet-18 with base width 8, 32-channel FPN and
-head, 3 classes) with random weights, run on two RGB images of different sizes that pad to the
+head, 3 classes; SOLOv2: E = 32 and a 32-channel mask feature branch) with random weights, run on two RGB images of different sizes that pad to the
 same size in one batch. solo_d2 runs the same batch; it must give the same category scores and
 soft masks (within 1e-4), and the same final predictions (count, classes, scores within 1e-4,
 mask IoU >= 0.99). The fixtures keep 100 candidates before Matrix NMS (mmdetection's
@@ -26,7 +26,8 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
 HEAD_TYPES = {
     "SOLO": "SOLOHead",
     "DecoupledSOLO": "DecoupledSOLOHead",
-    "DecoupledSOLOLight": "DecoupledSOLOLightHead"
+    "DecoupledSOLOLight": "DecoupledSOLOLightHead",
+    "SOLOv2": "SOLOv2Head",
 }
 
 
@@ -63,6 +64,11 @@ def solo_cfg(fx):
     s.CONV_CHANNELS = c["feat_channels"]
     s.NUM_STACKED_CONVS = c["stacked_convs"]
     s.NORM = "GN"
+    if fx["head"] == "SOLOv2":
+        s.MASK_FEATURE_CHANNELS = c["mask_feature_channels"]
+        s.MASK_FEATURE_DIM = c["mask_feature_dim"]
+        s.MASK_FEATURE_NUM_LEVELS = c["mask_feature_num_levels"]
+        s.DYNAMIC_KERNEL_SIZE = c["dynamic_kernel_size"]
     t = c["test_cfg"]
     s.SCORE_THRESH_TEST = t["score_thr"]
     s.MASK_THRESH_TEST = t["mask_thr"]

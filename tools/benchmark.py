@@ -61,9 +61,10 @@ MODELS = {
     "DecoupledSOLO": (COCO + "DecoupledSOLO_R50_1x.yaml", (800, 1333)),
     "DecoupledSOLO_Light": (COCO + "DecoupledSOLO_Light_R50_3x.yaml", (512, 852)),
     "SOLOv2": (COCO + "SOLOv2_R50_1x.yaml", (800, 1333)),
+    "SOLOv2_Light": (COCO + "SOLOv2_Light_R50.yaml", (448, 768)),
     "MaskRCNN": ("model_zoo:COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", (800, 1333)),
 }
-DEFAULT_MODELS = ["SOLO", "DecoupledSOLO", "DecoupledSOLO_Light", "SOLOv2", "MaskRCNN"]
+DEFAULT_MODELS = ["SOLO", "DecoupledSOLO", "DecoupledSOLO_Light", "SOLOv2", "SOLOv2_Light", "MaskRCNN"]
 #: inference sizes (short side 512, 800, 1024 at 800x1333's aspect) and SOLO candidate counts of
 #: the ``scaling`` run
 SCALING_SIZES = [(512, 852), (800, 1333), (1024, 1706)]

@@ -71,11 +71,13 @@ def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = Fal
         raise ConversionError(
             f"{what} does not fit the model of {config_path}, which builds {builds}: {e}") from None
     out = {"model": conv.state_dict, "__author__": AUTHOR, "matching_heuristics": False}
+    grids = (f"grids {conv.num_grids}" if conv.num_grids is not None else
+             f"grids {list(cfg.MODEL.SOLO.NUM_GRIDS)} (the config's: SOLOv2 weights do not give them)")
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     torch.save(out, dst)
     print(f"converted {src} ({conv.layout} layout, " +
-          (f"{conv.head} head, {conv.num_classes} classes, grids {conv.num_grids}, " if conv.
-           head else "backbone only, ") +
+          (f"{conv.head} head, {conv.num_classes} classes, {grids}, " if conv.head else
+           "backbone only, ") +
           f"ResNet-{conv.depth}, {len(conv.state_dict)} tensors) to {dst}")
     if backbone_only:
         print(

@@ -11,11 +11,12 @@ and pass that folder with ``--mmdet-path``. mmcv-lite has no compiled ops; mmdet
 answers every ``mmcv.ops*`` import with an in-process stub module (an import hook installed
 before mmdet is imported; nothing is written to disk).
 
-Fixture mode (default) writes ``tests/fixtures/parity/<head>.pth`` for the three heads
-(``SOLO``, ``DecoupledSOLO``, ``DecoupledSOLOLight``): a narrow mmdetection model (ResNet-18
-with ``base_channels`` 8, 32-channel FPN and heads, 2 stacked convs, 3 classes) with seeded random
-weights scaled so that there are detections, run in eval mode through mmdet's own
-``SOLO.predict`` on one padded batch of two RGB images of different sizes that pad to the same
+Fixture mode (default) writes ``tests/fixtures/parity/<head>.pth`` for the four heads
+(``SOLO``, ``DecoupledSOLO``, ``DecoupledSOLOLight``, ``SOLOv2``): a narrow mmdetection model
+(ResNet-18 with ``base_channels`` 8, 32-channel FPN and heads, 2 stacked convs, 3 classes; SOLOv2:
+a 32-channel mask feature branch and E = 32) with seeded random weights scaled so that there are
+detections, run in eval mode through mmdet's own ``SOLO.predict`` / ``SOLOv2.predict`` on one
+padded batch of two RGB images of different sizes that pad to the same
 size. Each fixture holds only tensors and plain containers (``torch.load(weights_only=True)``):
 
 - ``state_dict``: the mmdet model's state dict;
@@ -23,7 +24,9 @@ size. Each fixture holds only tensors and plain containers (``torch.load(weights
 - ``cate_probs``: per level (N, C, S, S) sigmoid of mmdet's category logits (before point NMS);
 - ``cells``: per level (K,) int64 cell indices k = i*S + j; ``soft_masks``: per level
   (N, K, H0, W0) mmdet's soft masks of those cells at the finest mask size (what mmdet's
-  postprocessing thresholds and rescores);
+  postprocessing thresholds and rescores; for SOLOv2, which forms them inside its
+  postprocessing, they are computed here from mmdet's kernels and mask feature the way its
+  ``_predict_by_feat_single`` does: ``sigmoid(conv2d(feature, kernel))``);
 - ``predictions``: per image ``scores`` (R,), ``labels`` (R,), ``masks`` (R, h, w) packed with
   ``numpy.packbits`` along the flattened mask (``masks_packed``, ``mask_shape``);
 - ``backbone`` / ``neck``: the first 2 channels of mmdet's ResNet and FPN outputs.
@@ -47,11 +50,12 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADS = ("SOLO", "DecoupledSOLO", "DecoupledSOLOLight")
+HEADS = ("SOLO", "DecoupledSOLO", "DecoupledSOLOLight", "SOLOv2")
 MMDET_HEAD_TYPE = {
     "SOLO": "SOLOHead",
     "DecoupledSOLO": "DecoupledSOLOHead",
-    "DecoupledSOLOLight": "DecoupledSOLOLightHead"
+    "DecoupledSOLOLight": "DecoupledSOLOLightHead",
+    "SOLOv2": "SOLOV2Head",
 }
 MEAN = [123.675, 116.28, 103.53]
 STD = [58.395, 57.12, 57.375]
@@ -127,8 +131,10 @@ def mmdet_config(head: str, full_size: bool, max_per_img: int) -> dict:
                         norm_eval=True,
                         style="pytorch")
         in_channels, fpn, classes = [256, 512, 1024, 2048], 256, 80
-        convs = 4 if head == "DecoupledSOLOLight" else 7
+        convs = 4 if head in ("DecoupledSOLOLight", "SOLOv2") else 7
         grids = [40, 36, 24, 16, 12]
+        # SOLOv2 R-50 as published: 512-channel towers, mask feature 128 -> E = 256
+        feat, mask_feat, e = (512, 128, 256) if head == "SOLOv2" else (fpn, None, None)
     else:
         backbone = dict(type="ResNet",
                         depth=18,
@@ -141,6 +147,7 @@ def mmdet_config(head: str, full_size: bool, max_per_img: int) -> dict:
                         style="pytorch")
         in_channels, fpn, classes, convs = [8, 16, 32, 64], 32, 3, 2
         grids = [12, 10, 8, 6, 4]
+        feat, mask_feat, e = fpn, 32, 32
     if head == "DecoupledSOLOLight":
         ranges = ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048))
     else:
@@ -155,8 +162,13 @@ def mmdet_config(head: str, full_size: bool, max_per_img: int) -> dict:
                     kernel="gaussian",
                     sigma=2.0,
                     max_per_img=max_per_img)
+    extra = {}
+    if head == "SOLOv2":
+        extra["mask_feature_head"] = dict(feat_channels=mask_feat, start_level=0, end_level=3,
+                                          out_channels=e, mask_stride=4,
+                                          norm_cfg=dict(type="GN", num_groups=32, requires_grad=True))
     return dict(
-        type="SOLO",
+        type="SOLOv2" if head == "SOLOv2" else "SOLO",
         data_preprocessor=dict(type="DetDataPreprocessor",
                                mean=MEAN,
                                std=STD,
@@ -169,7 +181,7 @@ def mmdet_config(head: str, full_size: bool, max_per_img: int) -> dict:
             num_classes=classes,
             in_channels=fpn,
             stacked_convs=convs,
-            feat_channels=fpn,
+            feat_channels=feat,
             strides=[8, 8, 16, 32, 32],
             scale_ranges=ranges,
             pos_scale=0.2,
@@ -182,6 +194,7 @@ def mmdet_config(head: str, full_size: bool, max_per_img: int) -> dict:
                           alpha=0.25,
                           loss_weight=1.0),
             norm_cfg=dict(type="GN", num_groups=32, requires_grad=True),
+            **extra,
         ),
         test_cfg=test_cfg,
     )
@@ -189,6 +202,8 @@ def mmdet_config(head: str, full_size: bool, max_per_img: int) -> dict:
 
 def output_convs(model, head: str):
     h = model.mask_head
+    if head == "SOLOv2":
+        return [h.conv_kernel]
     if head == "SOLO":
         return list(h.conv_mask_list)
     return list(h.conv_mask_list_x) + list(h.conv_mask_list_y)
@@ -244,10 +259,21 @@ def randomize(model, head: str, seed: int, cate_bias: float, cate_std: float, ba
         h.remove()
     for key, target_std, bias in (("cate", cate_std, cate_bias), ("mask", 2.0,
                                                                   0.0 if head == "SOLO" else 1.2)):
+        if key == "mask" and head == "SOLOv2":
+            continue
         std = torch.cat([x.flatten() for x in seen[key]]).std().item()
         for m in convs[key]:
             m.weight.mul_(target_std / std)
             m.bias.fill_(bias)
+    if head == "SOLOv2":
+        # The mask logits are kernel . feature: scale the kernel conv (bias 0) so that they have
+        # std 2 over all cells of the batch.
+        kernel_conv = model.mask_head.conv_kernel
+        kernel_conv.bias.zero_()
+        kernels, _, feature = model.mask_head(model.extract_feat(batch_inputs))
+        logits = torch.cat([torch.einsum("nds,ndp->nsp", k.flatten(2), feature.flatten(2)).flatten()
+                            for k in kernels])
+        kernel_conv.weight.mul_(2.0 / logits.std().item())
 
 
 def make_images(sizes, seed: int):
@@ -296,7 +322,15 @@ def run_mmdet(model, head: str, images, cells_per_level: int, seed: int, with_fe
     grids = model.mask_head.num_grids
     g = torch.Generator().manual_seed(seed + 1)
     cells = [torch.randperm(s * s, generator=g)[:cells_per_level].sort().values for s in grids]
-    if head == "SOLO":
+    if head == "SOLOv2":
+        # (per level (N, D, S, S) kernels, per level category logits, (N, E, H0, W0) feature):
+        # mmdet's _predict_by_feat_single forms masks as sigmoid(conv2d(feature, kernel)), k = 1
+        kernels, _, feature = captured["head"]
+        soft = [torch.stack([
+            F.conv2d(feature[b:b + 1], k[b].flatten(1)[:, c].t()[:, :, None, None])[0]
+            for b in range(feature.shape[0])
+        ]).sigmoid() for k, c in zip(kernels, cells)]
+    elif head == "SOLO":
         mask_preds = captured["head"][0]  # per level (N, S^2, H0, W0), sigmoid, finest size
         soft = [m[:, c] for m, c in zip(mask_preds, cells)]
     else:
@@ -369,6 +403,10 @@ def make_fixture(head: str, out_dir: str, seed: int) -> str:
             "scale_ranges": [list(r) for r in mh.scale_ranges],
             "stacked_convs": mh.stacked_convs,
             "feat_channels": mh.feat_channels,
+            **({"mask_feature_channels": mh.mask_feature_head.feat_channels,
+                "mask_feature_dim": mh.mask_feature_head.out_channels,
+                "mask_feature_num_levels": mh.mask_feature_head.end_level + 1,
+                "dynamic_kernel_size": mh.dynamic_conv_size} if head == "SOLOv2" else {}),
             "resnet_depth": 18,
             "resnet_base_channels": 8,
             "fpn_channels": 32,

@@ -10,6 +10,7 @@ from .heads import (
     DecoupledSOLOHead,
     DecoupledSOLOLightHead,
     SOLOHead,
+    SOLOv2Head,
     build_solo_head,
 )
 from .meta_arch import SOLO
@@ -24,6 +25,7 @@ __all__ = [
     "DecoupledSOLOHead",
     "DecoupledSOLOLightHead",
     "DecoupledSOLOCompactHead",
+    "SOLOv2Head",
     "SOLO_HEAD_REGISTRY",
     "build_solo_head",
     "SOLOTargetGenerator",

@@ -278,7 +278,8 @@ class SOLO(nn.Module):
         # Keep every mask parameter in the graph even where a level (or the whole batch) has no
         # positive cell: DDP runs without find_unused_parameters. The added term is exactly 0.
         loss_mask = loss_mask + 0.0 * (
-            sum(f.sum() for f in mask_feats) + sum(p.sum() for p in self.head.mask_output_parameters())
+            sum(t.sum() for f in mask_feats for t in self.head.mask_feat_tensors(f))
+            + sum(p.sum() for p in self.head.mask_output_parameters())
         )
         return {
             "loss_cate": self.loss_cate_weight * loss_cate,
@@ -308,7 +309,7 @@ class SOLO(nn.Module):
 
             def mask_fn(level, cells, b=b):  # this image's features only, at the finest size
                 img = torch.zeros_like(cells)
-                feat = mask_feats[level][b : b + 1]
+                feat = self.head.image_mask_feat(mask_feats[level], b)
                 return self.head.mask_probs(feat, level, img, cells, out_size=mask_size)
 
             instances = self.postprocess(

@@ -95,8 +95,10 @@ class BaseSOLOHead(nn.Module):
       * ``cate_logits[l]``: (N, num_classes, S_l, S_l) float, category logits of each cell.
       * ``mask_feats[l]``: float (N, E_l, h_l, w_l), the level's mask features: whatever the head
         forms masks from (vanilla SOLO: the mask tower output; Decoupled SOLO: the X and Y
-        logits). Only :meth:`mask_probs`, :meth:`full_mask_probs` and :meth:`mask_size`
-        interpret them.
+        logits), or a tuple of such tensors, each with the batch first (SOLOv2: the level's
+        kernels and the unified mask feature). Only :meth:`mask_probs`,
+        :meth:`full_mask_probs` and :meth:`mask_size` interpret them; :meth:`mask_feat_tensors`
+        and :meth:`image_mask_feat` handle either form.
 
     Levels are resized first (P2 x0.5 to P3's size, the last level to the size of the one before),
     so masks have strides [4, 4, 8, 16, 16] for P2..P6 inputs: the mask tower runs at the resized
@@ -291,6 +293,8 @@ class BaseSOLOHead(nn.Module):
           k x k sub-cells), k = ceil(max(H, W) / S) so the points are at least as dense as the
           feature pixels; computed as bilinear interpolation to (kS, kS) then k x k average
           pooling.
+
+        SOLOv2's kernel branch aligns its input (feature and coordinates) the same way.
         """
         if self.cate_align == "bilinear":
             return F.interpolate(feat, size=(s, s), mode="bilinear")
@@ -298,6 +302,19 @@ class BaseSOLOHead(nn.Module):
             return F.adaptive_max_pool2d(feat, (s, s))
         k = max(1, math.ceil(max(feat.shape[-2:]) / s))
         return F.avg_pool2d(F.interpolate(feat, size=(k * s, k * s), mode="bilinear"), k)
+
+    # ---- mask features as a whole (a tensor, or a tuple of tensors for SOLOv2) -------------------
+    @staticmethod
+    def mask_feat_tensors(mask_feat) -> List[torch.Tensor]:
+        """The tensors of one level's ``mask_feats`` entry (to keep them in the graph)."""
+        return list(mask_feat) if isinstance(mask_feat, tuple) else [mask_feat]
+
+    @staticmethod
+    def image_mask_feat(mask_feat, b: int):
+        """One level's ``mask_feats`` entry for image ``b`` alone (a batch of one)."""
+        if isinstance(mask_feat, tuple):
+            return tuple(t[b : b + 1] for t in mask_feat)
+        return mask_feat[b : b + 1]
 
     @staticmethod
     def resize_features(features: List[torch.Tensor]) -> List[torch.Tensor]:
