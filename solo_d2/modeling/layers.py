@@ -97,9 +97,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     Returns:
         (N, 4) float32 tensor on the masks' device.
     """
-    n, h, w = masks.shape
-    if n == 0:
-        return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
+    n, h, w = masks.shape  # n may be 0 (no branch on it, so that the function exports)
     u8 = as_uint8(masks)  # amax over uint8 is much faster than any() over bool on CPU
     cols = u8.amax(dim=1) > 0  # (N, W)
     rows = u8.amax(dim=2) > 0  # (N, H)
