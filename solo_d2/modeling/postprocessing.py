@@ -303,14 +303,20 @@ class SOLOPostProcessor:
         crop to the image, resize to the output size, threshold. Chunked to bound memory in
         eager; all at once when exporting (the chunk count depends on R)."""
         h, w = image_size
+        exporting = torch.compiler.is_exporting()
 
         def paste(m):
-            m = F.interpolate(m[:, None], size=tuple(padded_size), mode="bilinear")[:, :, :h, :w]
+            m = F.interpolate(m[:, None], size=tuple(padded_size), mode="bilinear")
+            if exporting:  # the same crop; a slice would need h <= Hp proven for symbolic sizes
+                m = m.index_select(2, torch.arange(h, device=m.device))
+                m = m.index_select(3, torch.arange(w, device=m.device))
+            else:
+                m = m[:, :, :h, :w]
             if (h, w) != tuple(output_size):
                 m = F.interpolate(m, size=tuple(output_size), mode="bilinear")
             return m[:, 0] > self.mask_thresh
 
-        if torch.compiler.is_exporting():
+        if exporting:
             return paste(soft)
         out = torch.zeros((soft.shape[0], *output_size), dtype=torch.bool, device=soft.device)
         for start in range(0, soft.shape[0], chunk):
