@@ -74,7 +74,7 @@ def matrix_nms(
     # How much each higher-scored mask i was itself suppressed: max IoU with masks above it. A
     # zero row keeps the reduction defined for K = 0 and changes nothing (IoUs are >= 0).
     zero = decay_iou.new_zeros((1, k))
-    comp = torch.cat([zero, decay_iou]).max(dim=0).values[:, None].expand(k, k)
+    comp = torch.cat([zero, decay_iou]).max(dim=0).values[:, None]  # (K, 1): row i's
     if kernel == "gaussian":
         decay = torch.exp(-sigma * (decay_iou**2 - comp**2))
     elif kernel == "linear":
