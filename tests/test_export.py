@@ -206,6 +206,6 @@ def test_every_head_type_exports(head_type, tmp_path):
     img, _ = make_image(np.random.default_rng(2), h=112, w=150)
     for image in (objects, empty, as_chw(img)):
         with torch.no_grad():
-            ref = wrapper(image)
-        assert_close_outputs(ref, ep.module()(image), f"torch.export {head_type}")
+            ref, got = wrapper(image), ep.module()(image)
+        assert_close_outputs(ref, got, f"torch.export {head_type}")
         assert_close_outputs(ref, run(image), f"onnx {head_type}")

@@ -65,6 +65,8 @@ def load_images(cfg, n, size, include_empty):
         elif not empty:
             chosen = chosen[: n - 1] + [None]  # no empty image in the split: a blank one
     images = []
+    empty_at = [i for i, d in enumerate(chosen) if d is None or not d.get("annotations")]
+    print(f"images without objects: {empty_at} of {len(chosen)}")
     for d in chosen:
         if d is None:
             img = np.full_like(images[0], 114)
