@@ -276,10 +276,14 @@ class SOLOPostProcessor:
 
     def _soft_masks(self, levels, cells, mask_fn, mask_size):
         """(K, H_0, W_0) float soft masks of candidates in any order of levels: one
-        ``mask_fn`` call per level on that level's candidates (possibly none)."""
+        ``mask_fn`` call per level on that level's candidates (when exporting, also for a level
+        with none, since the count is not known)."""
         soft = torch.zeros((cells.shape[0], *mask_size), device=cells.device)
+        exporting = torch.compiler.is_exporting()
         for level in range(len(self.num_grids)):
             sel = (levels == level).nonzero().squeeze(1)
+            if not exporting and sel.numel() == 0:
+                continue  # eager: no work for an empty level (a graph calls mask_fn with none)
             m = mask_fn(level, cells[sel]).float()
             if m.shape[-2:] != tuple(mask_size):
                 m = F.interpolate(m[:, None], size=tuple(mask_size), mode="bilinear")[:, 0]
