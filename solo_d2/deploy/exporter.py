@@ -57,8 +57,12 @@ def export_torch(wrapper: SOLODeployModel, sample: torch.Tensor, static: bool = 
     check_sample(wrapper, sample, static)
     wrapper.eval()
     with torch.no_grad():
+        # Deferred asserts: the stride reasoning of broadcasting ops asks whether 1 is a multiple
+        # of a symbolic stride (Mod(1, 1024 * w) != 0, true for every allowed size), which the
+        # exporter cannot prove; as a runtime check it costs nothing and keeps W dynamic.
         return torch.export.export(
-            wrapper, (sample,), dynamic_shapes=None if static else dynamic_shapes(wrapper), strict=False
+            wrapper, (sample,), dynamic_shapes=None if static else dynamic_shapes(wrapper),
+            strict=False, prefer_deferred_runtime_asserts_over_guards=True,
         )
 
 
