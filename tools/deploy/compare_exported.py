@@ -89,7 +89,7 @@ def compare(ref, got):
 
     Detections are matched in order; where scores within 1e-5 of each other come out in another
     order (random-weight models have many near-equal scores, and the runtimes round differently),
-    each unmatched one is matched to a detection of the same class with the nearest score and the
+    each detection that fails in order (class, score or mask) is matched to a detection of the same class with the nearest score and the
     best mask IoU among those within 1e-3."""
     masks, scores, classes = (np.asarray(x) for x in got[:3])
     ref_masks, ref_scores, ref_classes = ref[0], ref[1].numpy(), ref[2].numpy()
@@ -100,7 +100,9 @@ def compare(ref, got):
         return True, 0, 0, 0.0, 1.0
     masks = torch.as_tensor(masks)
     match = np.arange(n)
-    unmatched = np.nonzero((classes != ref_classes) | (np.abs(scores - ref_scores) > 1e-3))[0]
+    in_order_iou = mask_iou(ref_masks, masks).numpy()
+    unmatched = np.nonzero((classes != ref_classes) | (np.abs(scores - ref_scores) > 1e-3)
+                           | (in_order_iou < 0.99))[0]
     free = set(unmatched.tolist())
     for i in unmatched:
         cands = [j for j in free if classes[j] == ref_classes[i] and abs(scores[j] - ref_scores[i]) <= 1e-3]
