@@ -5,15 +5,36 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-__all__ = ["coordinate_maps", "coord_features", "DeformConv3x3", "masks_to_boxes", "as_uint8"]
+__all__ = ["linspace_unit", "coordinate_maps", "coord_features", "DeformConv3x3", "masks_to_boxes", "as_uint8"]
 
 
 def as_uint8(masks: torch.Tensor) -> torch.Tensor:
     """A bool tensor as uint8 without a copy (reductions over uint8 are much faster than over
-    bool on CPU); a copy while tracing, since the JIT tracer cannot record dtype views."""
-    if masks.dtype == torch.bool and not torch.jit.is_tracing():
+    bool on CPU); a copy while tracing or exporting (the JIT tracer cannot record dtype views,
+    the ONNX exporter cannot translate them)."""
+    if masks.dtype == torch.bool and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
         return masks.view(torch.uint8)
     return masks.to(torch.uint8)
+
+
+def linspace_unit(steps, like: torch.Tensor) -> torch.Tensor:
+    """``torch.linspace(-1, 1, steps)`` in ``like``'s dtype and device.
+
+    When exporting, ``steps`` is a symbolic size and ``linspace`` would fix it to the example's
+    value; the same values are then computed from ``arange`` with linspace's own formula (from
+    both ends, a fused multiply-add), which equals ``linspace`` bit for bit in float32 on CPU
+    (tests/test_export.py).
+    """
+    if not torch.compiler.is_exporting():
+        return torch.linspace(-1, 1, steps, device=like.device, dtype=like.dtype)
+    idx = torch.arange(steps, device=like.device)
+    pos = idx.to(like.dtype)
+    step = torch.full((), 2.0, device=like.device, dtype=like.dtype) / torch.sym_max(steps - 1, 1)
+    one = torch.ones((), device=like.device, dtype=like.dtype)
+    first_half = (2 * idx < steps - 1) | (idx == 0)
+    return torch.where(
+        first_half, torch.addcmul(-one, pos, step), torch.addcmul(one, steps - 1 - pos, -step)
+    )
 
 
 def coordinate_maps(x: torch.Tensor) -> torch.Tensor:
@@ -27,8 +48,8 @@ def coordinate_maps(x: torch.Tensor) -> torch.Tensor:
         reference heads (the official repository's and mmdetection's ``generate_coordinate``).
     """
     n, _, h, w = x.shape
-    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
-    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    xs = linspace_unit(w, x)
+    ys = linspace_unit(h, x)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([xx, yy]).expand(n, 2, h, w)
 
@@ -97,9 +118,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     Returns:
         (N, 4) float32 tensor on the masks' device.
     """
-    n, h, w = masks.shape
-    if n == 0:
-        return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
+    n, h, w = masks.shape  # n may be 0 (no branch on it, so that the function exports)
     u8 = as_uint8(masks)  # amax over uint8 is much faster than any() over bool on CPU
     cols = u8.amax(dim=1) > 0  # (N, W)
     rows = u8.amax(dim=2) > 0  # (N, H)

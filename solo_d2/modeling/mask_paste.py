@@ -49,15 +49,26 @@ def paste_masks_full(
     chunk: int = 16,
 ) -> torch.Tensor:
     """The reference paste: every pixel of every mask (see the module docstring). Chunked over
-    masks to bound memory."""
+    masks to bound memory in eager; all at once while exporting (the chunk count depends on R)."""
     h, w = image_size
-    out = torch.zeros((soft.shape[0], *output_size), dtype=torch.bool, device=soft.device)
-    for start in range(0, soft.shape[0], chunk):
-        m = soft[start : start + chunk, None]
-        m = F.interpolate(m, size=tuple(padded_size), mode="bilinear")[:, :, :h, :w]
+    exporting = torch.compiler.is_exporting()
+
+    def paste(m):
+        m = F.interpolate(m[:, None], size=tuple(padded_size), mode="bilinear")
+        if exporting:  # the same crop; a slice would need h <= Hp proven for symbolic sizes
+            m = m.index_select(2, torch.arange(h, device=m.device))
+            m = m.index_select(3, torch.arange(w, device=m.device))
+        else:
+            m = m[:, :, :h, :w]
         if (h, w) != tuple(output_size):
             m = F.interpolate(m, size=tuple(output_size), mode="bilinear")
-        out[start : start + chunk] = m[:, 0] > thresh
+        return m[:, 0] > thresh
+
+    if exporting:
+        return paste(soft)
+    out = torch.zeros((soft.shape[0], *output_size), dtype=torch.bool, device=soft.device)
+    for start in range(0, soft.shape[0], chunk):
+        out[start : start + chunk] = paste(soft[start : start + chunk])
     return out
 
 
@@ -185,7 +196,10 @@ def paste_masks(
     """The paste used at inference: :func:`paste_masks_in_boxes` on the CPU, where the work
     saved dominates; :func:`paste_masks_full` elsewhere (on a GPU the full paste is a few
     large kernels, the box-limited one a Python loop of small ones; not measured there). Both
-    give the same masks. Tracing/scripting (export) uses the full paste."""
-    if soft.device.type == "cpu" and not torch.jit.is_tracing() and not torch.jit.is_scripting():
+    give the same masks. Exporting (torch.export, ONNX, tracing) uses the full paste."""
+    exporting = (
+        torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    )
+    if soft.device.type == "cpu" and not exporting:
         return paste_masks_in_boxes(soft, padded_size, image_size, output_size, thresh)
     return paste_masks_full(soft, padded_size, image_size, output_size, thresh)

@@ -63,24 +63,28 @@ def matrix_nms(
         (K,) float: the decayed scores.
     """
     k = masks.shape[0]
-    if k == 0:
-        return scores
-    flat = masks.reshape(k, -1).float()  # float32 even under autocast: areas exceed fp16
+    flat = masks.flatten(1).float()  # float32 even under autocast: areas exceed fp16
     inter = flat @ flat.t()
     area = flat.sum(1)
     union = area[:, None] + area[None, :] - inter
-    iou = (inter / union.clamp(min=1)).triu(diagonal=1)  # iou[i, j]: i scored above j
-    same = (labels[:, None] == labels[None, :]).triu(diagonal=1)
-    decay_iou = iou * same
-    # How much each higher-scored mask i was itself suppressed: max IoU with masks above it.
-    comp = decay_iou.max(dim=0).values[:, None].expand(k, k)
+    # Pairs (i, j) with i scored above j (the strict upper triangle, from an index comparison:
+    # `triu` lacks an exporter or runtime kernel in places), of the same class.
+    order = torch.arange(k, device=masks.device)
+    above = (order[:, None] < order[None, :]) & (labels[:, None] == labels[None, :])
+    decay_iou = inter / union.clamp(min=1) * above
+    # How much each higher-scored mask i was itself suppressed: max IoU with masks above it. A
+    # zero row keeps the reduction defined for K = 0 and changes nothing (IoUs are >= 0).
+    zero = decay_iou.new_zeros((1, k))
+    comp = torch.cat([zero, decay_iou]).max(dim=0).values[:, None]  # (K, 1): row i's
     if kernel == "gaussian":
         decay = torch.exp(-sigma * (decay_iou**2 - comp**2))
     elif kernel == "linear":
         decay = (1 - decay_iou) / (1 - comp).clamp(min=1e-6)
     else:
         raise ValueError(f"MODEL.SOLO.NMS_KERNEL must be 'gaussian' or 'linear', got {kernel!r}")
-    return scores * decay.min(dim=0).values
+    # A row of ones keeps the reduction defined for K = 0 and changes nothing: every column's
+    # minimum is <= 1 (row 0, the best mask, is never compensated).
+    return scores * torch.cat([torch.ones_like(zero), decay]).min(dim=0).values
 
 
 class SOLOPostProcessor:
@@ -168,8 +172,9 @@ class SOLOPostProcessor:
         Args:
             cate_logits: per level (C, S_l, S_l) category logits of this image.
             mask_fn: ``mask_fn(level, cells)`` -> (K, H_0, W_0) soft masks of those cells
-                (cells: (K,) int64, k = i * S + j), at ``mask_size`` (the head resizes where the
-                reference does; a mask of another size is resized here, bilinearly).
+                (cells: (K,) int64, k = i * S + j; K may be 0), at ``mask_size`` (the head
+                resizes where the reference does; a mask of another size is resized here,
+                bilinearly).
             mask_size: (H_0, W_0), the finest mask resolution (stride 4); candidates of all
                 levels are compared at this size.
             padded_size: (Hp, Wp) of the padded input tensor.
@@ -178,6 +183,35 @@ class SOLOPostProcessor:
         Returns:
             Instances of ``output_size`` with ``pred_masks`` (R, height, width) bool,
             ``scores`` (R,) float32, ``pred_classes`` (R,) int64, ``pred_boxes`` Boxes (R, 4).
+        """
+        masks, scores, classes, boxes = self.predict(
+            cate_logits, mask_fn, mask_size, padded_size, image_size, output_size
+        )
+        result = Instances(tuple(int(s) for s in output_size))
+        result.pred_masks = masks
+        result.scores = scores
+        result.pred_classes = classes
+        result.pred_boxes = Boxes(boxes)
+        return result
+
+    def predict(
+        self,
+        cate_logits: List[torch.Tensor],
+        mask_fn: Callable[[int, torch.Tensor], torch.Tensor],
+        mask_size: Tuple[int, int],
+        padded_size: Tuple[int, int],
+        image_size: Tuple[int, int],
+        output_size: Tuple[int, int],
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`__call__` computes, as plain tensors (what an exported graph returns):
+        ``(masks, scores, classes, boxes)``: (R, height, width) bool, (R,) float32, (R,) int64,
+        (R, 4) float32 XYXY boxes of the masks. R may be 0.
+
+        Written to export (``torch.export``, the ONNX exporter): no Python branch on a tensor's
+        values except the eager-only memory bound for more than ``nms_pre`` candidates (same
+        result, :meth:`_top_rescored_in_chunks`), sizes that depend on the data only through
+        ``nonzero``, and the levels handled by one call of ``mask_fn`` per level (a static
+        loop) on that level's candidates (possibly none).
         """
         device = cate_logits[0].device
         c = self.num_classes
@@ -191,36 +225,28 @@ class SOLOPostProcessor:
         cell_of = torch.cat([torch.arange(p.shape[0], device=device) for p in probs])
         probs = torch.cat(probs)
 
-        # Candidates: (cell, class) pairs above the threshold (opt-in: at most nms_pre of them,
-        # by category score).
+        # Candidates: (cell, class) pairs above the threshold, in (cell, class) order (opt-in:
+        # at most nms_pre of them, the best by category score, best first).
         row, cls = (probs > self.score_thresh).nonzero(as_tuple=True)
         scores = probs[row, cls]
-        if self.nms_pre_before_masks and scores.numel() > self.nms_pre:
-            scores, top = scores.topk(self.nms_pre)
-            row, cls = row[top], cls[top]
+        if self.nms_pre_before_masks:
+            top = scores.sort(descending=True, stable=True).indices[: self.nms_pre]
+            scores, row, cls = scores[top], row[top], cls[top]
         levels, cells = level_of[row], cell_of[row]
 
-        if scores.numel() > self.nms_pre:
-            # More candidates than nms_pre: rescore them a chunk at a time without keeping their
-            # masks (all of them at once can take gigabytes), keep the nms_pre best, and form
-            # only their masks below. Same result as rescoring all of them at once.
-            chunk = self.RESCORE_CHUNK
-            parts = [
-                self._rescore(scores[i : i + chunk], levels[i : i + chunk], cells[i : i + chunk],
-                              mask_fn, mask_size)
-                for i in range(0, scores.numel(), chunk)
-            ]
-            rescored = torch.cat([r for r, _, _ in parts])
-            top = torch.cat([k for _, k, _ in parts]).nonzero().squeeze(1)
-            top = top[rescored[top].sort(descending=True, stable=True).indices[: self.nms_pre]]
+        if not torch.compiler.is_exporting() and scores.numel() > self.nms_pre:
+            # Eager only (an exported graph forms all candidates' masks at once): bound the
+            # memory of many candidates; the result is the same.
+            top = self._top_rescored_in_chunks(scores, levels, cells, mask_fn, mask_size)
             scores, cls, levels, cells = scores[top], cls[top], levels[top], cells[top]
-        scores, kept, soft = self._rescore(scores, levels, cells, mask_fn, mask_size, keep_masks=True)
+        soft = self._soft_masks(levels, cells, mask_fn, mask_size)
+        scores, kept = self._rescore(scores, levels, soft)
         binary = soft > self.mask_thresh
 
         # Indices into the candidates are composed; the big mask tensors are gathered once.
         # The reference's pre-NMS top-k: after the area filter and maskness rescoring.
         idx = kept.nonzero().squeeze(1)
-        idx = idx[scores[idx].sort(descending=True, stable=True).indices][: self.nms_pre]
+        idx = idx[scores[idx].sort(descending=True, stable=True).indices[: self.nms_pre]]
         scores, cls = scores[idx], cls[idx]
         scores = matrix_nms(binary[idx], cls, scores, self.nms_kernel, self.nms_sigma)
         keep = (scores >= self.update_thresh).nonzero().squeeze(1)
@@ -229,43 +255,53 @@ class SOLOPostProcessor:
         scores, cls, soft = scores[: self.max_per_image], cls[order], soft[idx[order]]
 
         masks = self.paste_masks(soft, padded_size, image_size, output_size)
-        result = Instances(tuple(output_size))
-        result.pred_masks = masks
-        result.scores = scores.float()
-        result.pred_classes = cls.long()
-        result.pred_boxes = Boxes(masks_to_boxes(masks))
-        return result
+        return masks, scores.float(), cls.long(), masks_to_boxes(masks)
 
     #: candidates whose masks are formed at once when more than ``nms_pre`` must be rescored
     RESCORE_CHUNK = 256
 
-    def _rescore(self, scores, levels, cells, mask_fn, mask_size, keep_masks=False):
-        """Area filter and maskness rescoring of candidates (any order of levels).
+    def _top_rescored_in_chunks(self, scores, levels, cells, mask_fn, mask_size):
+        """Indices of the (at most) ``nms_pre`` candidates that pass the area filter with the
+        best rescored scores, best first (ties: candidate order): the candidates are rescored
+        ``RESCORE_CHUNK`` at a time without keeping their masks (all at once can take
+        gigabytes), so only the kept ones' masks are formed again. Same selection and order as
+        rescoring all of them at once."""
+        chunk = self.RESCORE_CHUNK
+        parts = []
+        for i in range(0, scores.numel(), chunk):
+            s, lv = scores[i : i + chunk], levels[i : i + chunk]
+            parts.append(self._rescore(s, lv, self._soft_masks(lv, cells[i : i + chunk], mask_fn, mask_size)))
+        rescored = torch.cat([r for r, _ in parts])
+        top = torch.cat([k for _, k in parts]).nonzero().squeeze(1)
+        return top[rescored[top].sort(descending=True, stable=True).indices[: self.nms_pre]]
 
-        Returns ``(rescored, kept, soft)``: (K,) scores times maskness; (K,) bool, False where
-        the binary mask's area is <= its level's minimum area (dropped); and the (K, H_0, W_0)
-        float soft masks in the candidates' order when ``keep_masks``, else None.
-        """
-        # Masks grouped by level (a stable sort keeps the order within a level), then put back.
-        by_level = levels.sort(stable=True).indices
-        parts = [scores.new_zeros((0, *mask_size))]
-        sorted_levels, sorted_cells = levels[by_level], cells[by_level]
-        start = 0
-        for level, count in zip(
-            *[x.tolist() for x in torch.unique_consecutive(sorted_levels, return_counts=True)]
-        ):
-            m = mask_fn(level, sorted_cells[start : start + count]).float()
+    def _soft_masks(self, levels, cells, mask_fn, mask_size):
+        """(K, H_0, W_0) float soft masks of candidates in any order of levels: one
+        ``mask_fn`` call per level on that level's candidates (when exporting, also for a level
+        with none, since the count is not known)."""
+        soft = torch.zeros((cells.shape[0], *mask_size), device=cells.device)
+        exporting = torch.compiler.is_exporting()
+        for level in range(len(self.num_grids)):
+            sel = (levels == level).nonzero().squeeze(1)
+            if not exporting and sel.numel() == 0:
+                continue  # eager: no work for an empty level (a graph calls mask_fn with none)
+            m = mask_fn(level, cells[sel]).float()
             if m.shape[-2:] != tuple(mask_size):
-                m = F.interpolate(m[:, None], size=mask_size, mode="bilinear")[:, 0]
-            parts.append(m)
-            start += count
-        soft = scores.new_empty((scores.numel(), *mask_size))
-        soft[by_level] = torch.cat(parts)
+                m = F.interpolate(m[:, None], size=tuple(mask_size), mode="bilinear")[:, 0]
+            soft = soft.index_put((sel,), m)
+        return soft
+
+    def _rescore(self, scores, levels, soft):
+        """Area filter and maskness rescoring of candidates with soft masks ``soft``.
+
+        Returns ``(rescored, kept)``: (K,) scores times maskness; (K,) bool, False where the
+        binary mask's area is <= its level's minimum area (dropped).
+        """
         binary = soft > self.mask_thresh
         area = binary.sum(dim=(1, 2)).to(scores.dtype)
         min_areas = torch.as_tensor(self.min_areas, device=scores.device, dtype=scores.dtype)
         maskness = (soft * binary).sum(dim=(1, 2)) / area.clamp(min=1)
-        return scores * maskness, area > min_areas[levels], (soft if keep_masks else None)
+        return scores * maskness, area > min_areas[levels]
 
     def paste_masks(self, soft, padded_size, image_size, output_size):
         """(R, H0, W0) soft masks -> (R, height, width) bool: upsample to the padded input,

@@ -364,8 +364,9 @@ class SOLOHead(BaseSOLOHead):
         n, e, h, w = mask_feat.shape
         weight = conv.weight.view(conv.out_channels, e)
         out = mask_feat.new_empty((img_idx.numel(), h * w))
-        # Group by image (a loop over the batch, not over cells): one matmul per image.
-        for b in torch.unique(img_idx).tolist():
+        # Group by image (a loop over the batch, not over cells, and not over the values of
+        # img_idx, so that it exports): one matmul per image, of its cells (possibly none).
+        for b in range(n):
             sel = (img_idx == b).nonzero().squeeze(1)
             cells = cell_idx[sel]
             logits = torch.addmm(conv.bias[cells, None], weight[cells], mask_feat[b].view(e, -1))

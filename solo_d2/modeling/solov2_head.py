@@ -157,8 +157,9 @@ class SOLOv2Head(BaseSOLOHead):
         chosen = kernels.flatten(2)[img_u, :, cell_u]  # (U, D)
         h, w = feat.shape[-2:]
         out = feat.new_empty((key.numel(), h, w))
-        # Group by image (a loop over the batch, not over cells): one product per image.
-        for b in torch.unique(img_u).tolist():
+        # Group by image (a loop over the batch, not over cells, and not over the values of
+        # img_u, so that it exports): one product per image, of its cells (possibly none).
+        for b in range(kernels.shape[0]):
             sel = (img_u == b).nonzero().squeeze(1)
             out = out.index_put((sel,), self._masks(chosen[sel], feat[b : b + 1]).to(out.dtype))
         return resize_probs(out.sigmoid(), out_size)[inverse]
