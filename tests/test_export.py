@@ -191,7 +191,10 @@ def test_static_size_export(exported, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head_type", ["DecoupledSOLOHead", "DecoupledSOLOLightHead", "DecoupledSOLOCompactHead"])
+@pytest.mark.parametrize(
+    "head_type",
+    ["DecoupledSOLOHead", "DecoupledSOLOLightHead", "DecoupledSOLOCompactHead", "SOLOv2Head"],
+)
 def test_every_head_type_exports(head_type, tmp_path):
     from solo_d2.deploy.exporter import export_onnx
     from solo_d2.deploy.runtime import onnx_runner
