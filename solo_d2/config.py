@@ -83,6 +83,10 @@ def add_solo_config(cfg):
     # How many convs of each tower, counted from the last, are deformable 3x3 convs (DCN v1 on
     # torchvision.ops.deform_conv2d) instead of plain ones. The reference light DCN model uses 1.
     _C.MODEL.SOLO.NUM_DEFORMABLE_CONVS = 0
+    # Whether those deformable convs (and SOLOv2's MASK_FEATURE_DEFORMABLE convs) are modulated,
+    # DCN v2 (offsets and a sigmoid modulation per kernel position, the published SOLOv2 DCN
+    # models), instead of DCN v1.
+    _C.MODEL.SOLO.DEFORMABLE_MODULATED = False
     # Prior probability used to initialise the biases of the final category and mask convs.
     _C.MODEL.SOLO.PRIOR_PROB = 0.01
     # Prior probability for the biases of the final mask conv(s) alone; 0 means PRIOR_PROB (the
@@ -108,6 +112,9 @@ def add_solo_config(cfg):
     _C.MODEL.SOLO.MASK_FEATURE_NUM_LEVELS = 4
     # k: spatial size of each dynamic kernel (odd); a cell's kernel has E * k * k values.
     _C.MODEL.SOLO.DYNAMIC_KERNEL_SIZE = 1
+    # Every conv of the mask feature branch (its 3x3 convs and its 1x1 output conv) deformable,
+    # of the type DEFORMABLE_MODULATED selects (the published SOLOv2 R-101 DCN model: DCN v2).
+    _C.MODEL.SOLO.MASK_FEATURE_DEFORMABLE = False
 
     # Losses: L = LOSS_CATE_WEIGHT * focal + LOSS_MASK_WEIGHT * dice.
     _C.MODEL.SOLO.LOSS_CATE_WEIGHT = 1.0

@@ -96,8 +96,10 @@ class DecoupledSOLOHead(BaseDecoupledSOLOHead):
     """
 
     def _build_mask_branch(self, in_channels, conv_channels, num_convs, norm, num_deformable):
-        self.mask_tower_x = tower(in_channels + 1, conv_channels, num_convs, norm, num_deformable)
-        self.mask_tower_y = tower(in_channels + 1, conv_channels, num_convs, norm, num_deformable)
+        self.mask_tower_x = tower(in_channels + 1, conv_channels, num_convs, norm, num_deformable,
+                                      self.deformable_modulated)
+        self.mask_tower_y = tower(in_channels + 1, conv_channels, num_convs, norm, num_deformable,
+                                      self.deformable_modulated)
         self.mask_preds = self._xy_output_convs(conv_channels)
 
     def mask_towers(self):

@@ -23,7 +23,8 @@ class DecoupledSOLOLightHead(BaseDecoupledSOLOHead):
     """
 
     def _build_mask_branch(self, in_channels, conv_channels, num_convs, norm, num_deformable):
-        self.mask_tower = tower(in_channels + 2, conv_channels, num_convs, norm, num_deformable)
+        self.mask_tower = tower(in_channels + 2, conv_channels, num_convs, norm, num_deformable,
+                                      self.deformable_modulated)
         self.mask_preds = self._xy_output_convs(conv_channels)
 
     def mask_towers(self):

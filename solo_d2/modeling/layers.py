@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-__all__ = ["linspace_unit", "coordinate_maps", "coord_features", "DeformConv3x3", "masks_to_boxes", "as_uint8"]
+__all__ = ["linspace_unit", "coordinate_maps", "coord_features", "DeformConv", "DeformConv3x3", "masks_to_boxes", "as_uint8"]
 
 
 def as_uint8(masks: torch.Tensor) -> torch.Tensor:
@@ -72,39 +72,94 @@ def coord_features(x: torch.Tensor, channels: str = "xy") -> torch.Tensor:
     return torch.cat([x, coords], dim=1)
 
 
-class DeformConv3x3(nn.Module):
-    """A 3x3 deformable convolution (DCN v1, one deformable group) on
-    ``torchvision.ops.deform_conv2d``, optionally strided and followed by a norm.
+class DeformConv(nn.Module):
+    """A k x k deformable convolution (one deformable group) on ``torchvision.ops.deform_conv2d``,
+    DCN v1 or, with ``modulated``, DCN v2; optionally strided and followed by a norm and an
+    activation. Padding k // 2.
 
     Detectron2's compiled ``DeformConv`` is unavailable in the pure-Python detectron2 build, so
-    the SOLO towers and :func:`~solo_d2.modeling.deformable_resnet.build_solo_resnet_fpn_backbone`
-    use torchvision's op, which runs on CPU and GPU. The offsets come from a 3x3 conv
-    (``conv_offset``, 18 channels: (dy, dx) for each of the 9 kernel positions, row-major, the
-    layout of torchvision's op and of mmcv's ``DeformConv2dPack``) initialised to zero, so at
-    initialisation the layer equals a plain 3x3 conv.
+    the SOLO towers, SOLOv2's mask feature branch and
+    :func:`~solo_d2.modeling.deformable_resnet.build_solo_resnet_fpn_backbone` use torchvision's
+    op, which runs on CPU and GPU. The offsets come from a k x k conv (``conv_offset``) with the
+    layout of mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack`` (and of mmdetection
+    1.x's ``DeformConvPack`` / ``ModulatedDeformConvPack``, the official SOLO repository's):
+
+    - DCN v1: 2 k^2 channels, (dy, dx) for each of the k^2 kernel positions, row-major (the
+      offset layout of torchvision's op).
+    - DCN v2 (``modulated``): 3 k^2 channels, split into three equal chunks ``a, b, m``: the
+      offsets are ``cat(a, b)`` (2 k^2 channels, the v1 layout) and the modulation of kernel
+      position p is ``sigmoid(m[p])``, which scales the sampled value (torchvision's ``mask``).
+
+    ``conv_offset`` is initialised to zero, so at initialisation a v1 layer equals a plain conv
+    and a v2 layer equals a plain conv with its kernel (not its bias) halved.
 
     Input (N, in_channels, H, W) float; output (N, out_channels, ceil(H / stride),
-    ceil(W / stride)). Parameters: ``weight`` (out, in, 3, 3), ``bias`` (if any),
+    ceil(W / stride)). Parameters: ``weight`` (out, in, k, k), ``bias`` (if any),
     ``conv_offset.weight`` / ``.bias``, ``norm.*`` (if any).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, bias: bool = True, stride: int = 1, norm=None
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        bias: bool = True,
+        stride: int = 1,
+        norm=None,
+        activation=None,
+        modulated: bool = False,
     ):
         super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"DeformConv: kernel_size must be a positive odd number, got {kernel_size}")
         self.stride = stride
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.kernel_size = kernel_size
+        self.modulated = modulated
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.conv_offset = nn.Conv2d(in_channels, 2 * 3 * 3, kernel_size=3, stride=stride, padding=1)
+        per_position = 3 if modulated else 2
+        self.conv_offset = nn.Conv2d(
+            in_channels, per_position * kernel_size * kernel_size, kernel_size=kernel_size,
+            stride=stride, padding=kernel_size // 2,
+        )
         self.norm = norm
+        self.activation = activation
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        offset = self.conv_offset(x)
-        x = deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=(1, 1))
-        return self.norm(x) if self.norm is not None else x
+        out = self.conv_offset(x)
+        mask = None
+        if self.modulated:
+            a, b, m = torch.chunk(out, 3, dim=1)
+            out = torch.cat([a, b], dim=1)
+            mask = torch.sigmoid(m)
+        pad = self.kernel_size // 2
+        x = deform_conv2d(
+            x, out, self.weight, self.bias, stride=self.stride, padding=(pad, pad), mask=mask
+        )
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.activation(x) if self.activation is not None else x
+
+
+class DeformConv3x3(DeformConv):
+    """:class:`DeformConv` with a 3x3 kernel (the towers' and the backbone's): ``conv_offset`` has
+    18 channels (DCN v1) or 27 (DCN v2, ``modulated``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        bias: bool = True,
+        stride: int = 1,
+        norm=None,
+        modulated: bool = False,
+    ):
+        super().__init__(
+            in_channels, out_channels, 3, bias=bias, stride=stride, norm=norm, modulated=modulated
+        )
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

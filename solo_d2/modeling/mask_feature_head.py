@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, get_norm
 from torch import nn
 
-from .layers import coord_features
+from .layers import DeformConv, coord_features
 
 __all__ = ["MaskFeatureHead"]
 
@@ -27,8 +27,13 @@ class MaskFeatureHead(nn.Module):
     of the next (FPN outputs of an input padded to a multiple of 32 are).
     Output: (N, out_channels, H_0, W_0) float.
 
+    With ``deformable``, every conv (the 1x1 one too) is a
+    :class:`~solo_d2.modeling.layers.DeformConv` (DCN v2 with ``modulated``), as in the published
+    SOLOv2 R-101 DCN model (the reference's ``conv_cfg=dict(type='DCNv2')``).
+
     Parameters: ``levels.{i}.{j}`` (conv j of level i: ``weight``, ``norm.weight``, ``norm.bias``;
-    ``bias`` instead of the norm when ``norm == ""``), ``pred`` (the 1x1 conv, same layout).
+    ``bias`` instead of the norm when ``norm == ""``; ``conv_offset.weight`` / ``.bias`` when
+    deformable), ``pred`` (the 1x1 conv, same layout).
     """
 
     def __init__(
@@ -38,6 +43,8 @@ class MaskFeatureHead(nn.Module):
         out_channels: int,
         num_levels: int = 4,
         norm: str = "GN",
+        deformable: bool = False,
+        modulated: bool = False,
     ):
         """
         Args:
@@ -46,6 +53,8 @@ class MaskFeatureHead(nn.Module):
             out_channels: channels of the unified feature, E (``MODEL.SOLO.MASK_FEATURE_DIM``).
             num_levels: how many of the finest input levels are used (>= 1).
             norm: norm after every conv ("GN", "" for none, or a detectron2 ``get_norm`` name).
+            deformable: every conv deformable (:class:`~solo_d2.modeling.layers.DeformConv`).
+            modulated: the deformable convs are DCN v2 (ignored without ``deformable``).
         """
         super().__init__()
         if num_levels < 1:
@@ -53,6 +62,9 @@ class MaskFeatureHead(nn.Module):
         self.num_levels = num_levels
 
         def conv(cin, cout, k):
+            if deformable:
+                return DeformConv(cin, cout, k, bias=not norm, norm=get_norm(norm, cout),
+                                  activation=F.relu, modulated=modulated)
             return Conv2d(cin, cout, kernel_size=k, padding=k // 2, bias=not norm,
                           norm=get_norm(norm, cout), activation=F.relu)
 

@@ -28,7 +28,7 @@ from detectron2.utils.registry import Registry
 from fvcore.nn import weight_init
 from torch import nn
 
-from .layers import DeformConv3x3, coord_features
+from .layers import DeformConv, DeformConv3x3, coord_features
 
 __all__ = ["SOLO_HEAD_REGISTRY", "BaseSOLOHead", "SOLOHead", "build_solo_head"]
 
@@ -50,8 +50,9 @@ def build_solo_head(cfg, input_shape: List[ShapeSpec]) -> nn.Module:
     return SOLO_HEAD_REGISTRY.get(name)(cfg, input_shape)
 
 
-def tower(in_channels, channels, num_convs, norm, num_deformable) -> nn.Sequential:
-    """``num_convs`` x (3x3 conv, norm, ReLU); the last ``num_deformable`` convs are deformable.
+def tower(in_channels, channels, num_convs, norm, num_deformable, modulated=False) -> nn.Sequential:
+    """``num_convs`` x (3x3 conv, norm, ReLU); the last ``num_deformable`` convs are deformable
+    (DCN v1, or DCN v2 with ``modulated``).
 
     Parameter names (the contract with ``tools/convert_weights.py``): conv i is module ``3*i`` and
     its norm ``3*i + 1`` (with ``norm == ""``: conv i is ``2*i``, no norm). Convs followed by a
@@ -61,7 +62,7 @@ def tower(in_channels, channels, num_convs, norm, num_deformable) -> nn.Sequenti
     for i in range(num_convs):
         cin = in_channels if i == 0 else channels
         if i >= num_convs - num_deformable:
-            conv = DeformConv3x3(cin, channels, bias=not norm)
+            conv = DeformConv3x3(cin, channels, bias=not norm, modulated=modulated)
         else:
             conv = nn.Conv2d(cin, channels, kernel_size=3, padding=1, bias=not norm)
         layers += [conv]
@@ -116,6 +117,7 @@ class BaseSOLOHead(nn.Module):
         num_stacked_convs: int = 7,
         norm: str = "GN",
         num_deformable_convs: int = 0,
+        deformable_modulated: bool = False,
         prior_prob: float = 0.01,
         mask_prior_prob: float = 0.0,
         tower_init: str = "normal",
@@ -131,6 +133,8 @@ class BaseSOLOHead(nn.Module):
             norm: tower normalisation ("GN", "" for none, or a detectron2 ``get_norm`` name).
             num_deformable_convs: how many of each tower's convs (category and mask towers),
                 counted from the last, are deformable (the reference light DCN head: 1).
+            deformable_modulated: the deformable tower convs are DCN v2 (modulated) instead of
+                DCN v1 (the published SOLOv2 DCN models).
             prior_prob: initial foreground probability of the category output (and of the mask
                 outputs unless ``mask_prior_prob`` is given).
             mask_prior_prob: initial foreground probability of each mask output conv (for
@@ -161,7 +165,12 @@ class BaseSOLOHead(nn.Module):
             if not (0.0 < p < 1.0 or (name == "MASK_PRIOR_PROB" and p == 0.0)):
                 raise ValueError(f"MODEL.SOLO.{name} = {p} must be in (0, 1)")
 
-        self.cate_tower = tower(in_channels, conv_channels, num_stacked_convs, norm, num_deformable_convs)
+        # A plain attribute read by the subclasses' _build_mask_branch.
+        self.deformable_modulated = bool(deformable_modulated)
+        self.cate_tower = tower(
+            in_channels, conv_channels, num_stacked_convs, norm, num_deformable_convs,
+            self.deformable_modulated,
+        )
         self.cate_pred = nn.Conv2d(conv_channels, num_classes, kernel_size=3, padding=1)
         self._build_mask_branch(in_channels, conv_channels, num_stacked_convs, norm, num_deformable_convs)
         self._init_weights(prior_prob, mask_prior_prob or prior_prob, tower_init)
@@ -181,6 +190,7 @@ class BaseSOLOHead(nn.Module):
             "num_stacked_convs": cfg.MODEL.SOLO.NUM_STACKED_CONVS,
             "norm": cfg.MODEL.SOLO.NORM,
             "num_deformable_convs": cfg.MODEL.SOLO.NUM_DEFORMABLE_CONVS,
+            "deformable_modulated": cfg.MODEL.SOLO.DEFORMABLE_MODULATED,
             "prior_prob": cfg.MODEL.SOLO.PRIOR_PROB,
             "mask_prior_prob": cfg.MODEL.SOLO.MASK_PRIOR_PROB,
             "tower_init": cfg.MODEL.SOLO.TOWER_INIT,
@@ -189,21 +199,21 @@ class BaseSOLOHead(nn.Module):
 
     def _init_weights(self, prior_prob: float, mask_prior_prob: float, tower_init: str):
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, DeformConv3x3)):
+            if isinstance(m, (nn.Conv2d, DeformConv)):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
         # After the loop, which also visits (and would re-fill) each offset conv: offsets start
         # at zero, so a deformable conv starts as a plain 3x3 conv.
         for m in self.modules():
-            if isinstance(m, DeformConv3x3):
+            if isinstance(m, DeformConv):
                 nn.init.zeros_(m.conv_offset.weight)
                 nn.init.zeros_(m.conv_offset.bias)
         if tower_init == "msra":
             # The towers' direct children only: a deformable conv's offset conv stays at zero.
             for t in [self.cate_tower, *self.mask_towers()]:
                 for m in t:
-                    if isinstance(m, (nn.Conv2d, DeformConv3x3)):
+                    if isinstance(m, (nn.Conv2d, DeformConv)):
                         weight_init.c2_msra_fill(m)
         nn.init.constant_(self.cate_pred.bias, -math.log((1 - prior_prob) / prior_prob))
         for m in self.mask_output_convs():
@@ -345,7 +355,9 @@ class SOLOHead(BaseSOLOHead):
     """
 
     def _build_mask_branch(self, in_channels, conv_channels, num_convs, norm, num_deformable):
-        self.mask_tower = tower(in_channels + 2, conv_channels, num_convs, norm, num_deformable)
+        self.mask_tower = tower(
+            in_channels + 2, conv_channels, num_convs, norm, num_deformable, self.deformable_modulated
+        )
         self.mask_preds = nn.ModuleList(
             nn.Conv2d(conv_channels, s * s, kernel_size=1) for s in self.num_grids
         )

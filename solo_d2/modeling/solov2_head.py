@@ -47,6 +47,7 @@ class SOLOv2Head(BaseSOLOHead):
         mask_feature_dim: int = 256,
         mask_feature_num_levels: int = 4,
         dynamic_kernel_size: int = 1,
+        mask_feature_deformable: bool = False,
         **kwargs,
     ):
         """
@@ -55,6 +56,8 @@ class SOLOv2Head(BaseSOLOHead):
             mask_feature_dim: E, channels of the unified mask feature.
             mask_feature_num_levels: finest input levels the mask feature is built from.
             dynamic_kernel_size: k, odd; each kernel has E * k * k values.
+            mask_feature_deformable: every conv of the mask feature branch deformable, DCN v2
+                when ``deformable_modulated`` (the published R-101 DCN model).
             kwargs: :class:`BaseSOLOHead`'s arguments (``conv_channels``,
                 ``num_stacked_convs``, ``num_deformable_convs`` and ``norm`` apply to both the
                 category and the kernel tower; ``norm`` also to the mask feature branch).
@@ -84,7 +87,8 @@ class SOLOv2Head(BaseSOLOHead):
         # Plain attributes read by _build_mask_branch, which the base __init__ calls.
         self.mask_feature_dim = mask_feature_dim
         self.dynamic_kernel_size = dynamic_kernel_size
-        self._mask_feature_args = (mask_feature_channels, mask_feature_num_levels)
+        self._mask_feature_args = (mask_feature_channels, mask_feature_num_levels,
+                                   bool(mask_feature_deformable))
         super().__init__(**kwargs)
 
     @classmethod
@@ -96,17 +100,20 @@ class SOLOv2Head(BaseSOLOHead):
             "mask_feature_dim": sc.MASK_FEATURE_DIM,
             "mask_feature_num_levels": sc.MASK_FEATURE_NUM_LEVELS,
             "dynamic_kernel_size": sc.DYNAMIC_KERNEL_SIZE,
+            "mask_feature_deformable": sc.MASK_FEATURE_DEFORMABLE,
         }
 
     def _build_mask_branch(self, in_channels, conv_channels, num_convs, norm, num_deformable):
         k = self.dynamic_kernel_size
-        self.kernel_tower = tower(in_channels + 2, conv_channels, num_convs, norm, num_deformable)
+        self.kernel_tower = tower(in_channels + 2, conv_channels, num_convs, norm, num_deformable,
+                                      self.deformable_modulated)
         self.kernel_pred = nn.Conv2d(
             conv_channels, self.mask_feature_dim * k * k, kernel_size=3, padding=1
         )
-        channels, num_levels = self._mask_feature_args
+        channels, num_levels, deformable = self._mask_feature_args
         self.mask_feature = MaskFeatureHead(
-            in_channels, channels, self.mask_feature_dim, num_levels, norm
+            in_channels, channels, self.mask_feature_dim, num_levels, norm,
+            deformable=deformable, modulated=self.deformable_modulated,
         )
 
     def _init_weights(self, prior_prob, mask_prior_prob, tower_init):
