@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -21,7 +22,7 @@ def test_all_configs_are_listed():
         "Base-SOLO.yaml", "SOLO_R50_1x.yaml", "SOLO_R50_3x.yaml", "SOLO_R101_3x.yaml",
         "DecoupledSOLO_R50_1x.yaml", "DecoupledSOLO_R50_3x.yaml", "DecoupledSOLO_R101_3x.yaml",
         "DecoupledSOLO_Light_R50_3x.yaml", "DecoupledSOLO_Light_DCN_R50_3x.yaml",
-        "SOLOv2_R50_1x.yaml", "SOLOv2_R50_3x.yaml", "SOLOv2_R101_3x.yaml",
+        "SOLOv2_R50_1x.yaml", "SOLOv2_R50_3x.yaml", "SOLOv2_R101_3x.yaml", "SOLOv2_R101_DCN_3x.yaml",
         "SOLOv2_Light_R18.yaml", "SOLOv2_Light_R34.yaml", "SOLOv2_Light_R50.yaml",
         "SOLOv2_R18_shapes.yaml",
     ]:
@@ -103,7 +104,7 @@ def test_solov2_configs_are_the_published_ones():
     def solo(name):
         return _load(f"configs/COCO-InstanceSegmentation/{name}.yaml")
 
-    for name in ["SOLOv2_R50_1x", "SOLOv2_R50_3x", "SOLOv2_R101_3x"]:
+    for name in ["SOLOv2_R50_1x", "SOLOv2_R50_3x", "SOLOv2_R101_3x", "SOLOv2_R101_DCN_3x"]:
         cfg = solo(name)
         s = cfg.MODEL.SOLO
         assert s.HEAD_TYPE == "SOLOv2Head" and (s.CONV_CHANNELS, s.NUM_STACKED_CONVS) == (512, 4), name
@@ -113,6 +114,16 @@ def test_solov2_configs_are_the_published_ones():
     assert solo("SOLOv2_R50_1x").INPUT.MIN_SIZE_TRAIN == (800,)
     assert solo("SOLOv2_R50_3x").INPUT.MIN_SIZE_TRAIN == (640, 672, 704, 736, 768, 800)
     assert solo("SOLOv2_R101_3x").MODEL.RESNETS.DEPTH == 101
+    # R-101 DCN: DCN v2 in res3-res5 (stage_with_dcn=(False, True, True, True)), in every conv of
+    # both towers (official use_dcn_in_tower, mmdetection dcn_apply_to_all_conv=True) and in every
+    # conv of the mask feature branch (its conv_cfg=dict(type='DCNv2')); otherwise SOLOv2_R101_3x.
+    dcn, plain = solo("SOLOv2_R101_DCN_3x"), solo("SOLOv2_R101_3x")
+    r, s = dcn.MODEL.RESNETS, dcn.MODEL.SOLO
+    assert r.DEPTH == 101 and dcn.MODEL.BACKBONE.NAME == "build_solo_resnet_fpn_backbone"
+    assert (r.DEFORM_ON_PER_STAGE, r.DEFORM_MODULATED, r.DEFORM_NUM_GROUPS) == ([False, True, True, True], True, 1)
+    assert (s.NUM_DEFORMABLE_CONVS, s.DEFORMABLE_MODULATED, s.MASK_FEATURE_DEFORMABLE) == (4, True, True)
+    assert plain.MODEL.SOLO.NUM_DEFORMABLE_CONVS == 0 and not plain.MODEL.SOLO.MASK_FEATURE_DEFORMABLE
+    assert (dcn.INPUT.MIN_SIZE_TRAIN, dcn.SOLVER.MAX_ITER) == (plain.INPUT.MIN_SIZE_TRAIN, plain.SOLVER.MAX_ITER)
     for name, depth in [("SOLOv2_Light_R18", 18), ("SOLOv2_Light_R34", 34), ("SOLOv2_Light_R50", 50)]:
         cfg = solo(name)
         s = cfg.MODEL.SOLO
@@ -178,3 +189,23 @@ def test_deformable_backbone_places_dcn_as_the_reference_and_starts_as_the_plain
     with torch.no_grad():
         a, b = dcn(x), plain(x)
     assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
+
+
+def test_solov2_r101_dcn_model_has_dcn_v2_where_the_reference_has():
+    from solo_d2.modeling.layers import DeformConv, DeformConv3x3
+
+    model = build_model(_load("configs/COCO-InstanceSegmentation/SOLOv2_R101_DCN_3x.yaml"))
+    bottom_up, head = model.backbone.bottom_up, model.head
+    assert not any(isinstance(b.conv2, DeformConv) for b in bottom_up.res2)
+    for k in (3, 4, 5):
+        for b in getattr(bottom_up, f"res{k}"):
+            assert isinstance(b.conv2, DeformConv3x3) and b.conv2.modulated
+            assert b.conv2.conv_offset.out_channels == 27
+    for t in (head.cate_tower, head.kernel_tower):
+        convs = [m for m in t if not isinstance(m, (torch.nn.ReLU, torch.nn.GroupNorm))]
+        assert len(convs) == 4 and all(isinstance(c, DeformConv3x3) and c.modulated for c in convs)
+    mf = head.mask_feature.convs()
+    assert len(mf) == 1 + 1 + 2 + 3 + 1 and all(isinstance(c, DeformConv) and c.modulated for c in mf)
+    assert head.mask_feature.pred.kernel_size == 1 and head.mask_feature.pred.conv_offset.out_channels == 3
+    # deformable layers start with zero offsets
+    assert all(not m.conv_offset.weight.any() for m in model.modules() if isinstance(m, DeformConv))
