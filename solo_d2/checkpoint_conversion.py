@@ -21,15 +21,16 @@ Head types (from the mask output layers): ``"SOLO"`` (one S^2-channel conv per l
 ``"DecoupledSOLO"`` (separate X and Y towers, one coordinate channel each),
 ``"DecoupledSOLOLight"`` (one tower, X and Y output convs) and ``"SOLOv2"`` (a kernel conv and
 a mask feature branch; its weights do not give the grid numbers, which come from the config).
-The published SOLOv2 DCN models use modulated deformable convs (DCN v2), which solo_d2 does not
-implement: their ``conv_offset`` keys are refused (leftover keys or shape mismatch).
-Deformable tower convs (mmcv /
-mmdet 1.x ``DeformConvPack``: ``conv.weight`` + ``conv.conv_offset.*``) map to
-:class:`solo_d2.modeling.layers.DeformConv3x3`; deformable backbone convs (the light DCN
-model's ``layer{2..4}.{b}.conv2.conv_offset.*``) select ``build_solo_resnet_fpn_backbone`` with
-``MODEL.RESNETS.DEFORM_ON_PER_STAGE``; modulated DCN (v2) has a 27-channel offset conv and is
-refused by the shape check. (The key names are checked; the numerical equality of mmcv's and
-torchvision's deformable conv cannot be checked here: mmcv-lite has no compiled ops.)
+Deformable convs (mmcv / mmdet 1.x ``DeformConvPack`` and ``ModulatedDeformConvPack``:
+``conv.weight`` + ``conv.conv_offset.*``) map to :class:`solo_d2.modeling.layers.DeformConv`;
+the offset conv's channels tell DCN v1 (2 k^2) from modulated DCN v2 (3 k^2, the published
+SOLOv2 DCN models), whose channel order (offsets, then modulation logits) ``DeformConv`` keeps.
+Deformable tower convs set ``MODEL.SOLO.NUM_DEFORMABLE_CONVS`` / ``DEFORMABLE_MODULATED``,
+deformable SOLOv2 mask feature convs ``MODEL.SOLO.MASK_FEATURE_DEFORMABLE``; deformable backbone
+convs (``layer{2..4}.{b}.conv2.conv_offset.*``) select ``build_solo_resnet_fpn_backbone`` with
+``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` / ``DEFORM_MODULATED``. (The key names and shapes are
+checked; the numerical equality of mmcv's and torchvision's deformable conv cannot be checked
+here: mmcv-lite has no compiled ops.)
 
 Checkpoint files are read with ``torch.load(weights_only=True)``; one that holds other Python
 objects (mmengine's checkpoints keep a ``message_hub`` of ``HistoryBuffer`` objects in ``meta``)
@@ -104,12 +105,18 @@ class ConvertedCheckpoint:
     bottleneck_channels: Optional[int] = None
     #: res2..res5: whether the stage's 3x3 convs are deformable (DCN v1 ``conv2.conv_offset``)
     deform_stages: Tuple[bool, bool, bool, bool] = (False, False, False, False)
+    #: the backbone's deformable convs are DCN v2 (27-channel ``conv_offset``)
+    deform_modulated: bool = False
     fpn_channels: Optional[int] = None
     num_classes: Optional[int] = None
     num_grids: Optional[List[int]] = None
     conv_channels: Optional[int] = None
     num_stacked_convs: Optional[int] = None
     num_deformable_convs: int = 0
+    #: the head's deformable convs (towers, SOLOv2's mask feature branch) are DCN v2
+    head_deform_modulated: bool = False
+    #: SOLOv2 only: every conv of the mask feature branch is deformable
+    mask_feature_deformable: bool = False
     norm: str = "GN"
     #: SOLOv2 only: E, the mask feature branch's channels, its levels, the dynamic kernel size
     mask_feature_dim: Optional[int] = None
@@ -271,13 +278,15 @@ def _head_key(module: str, rest: str, has_norm: Dict[str, bool]) -> Optional[str
         return f"head.{name}.{m[1]}" if m else None
     if kind == "mask_feature":
         # ConvModules: conv j of level i, and the 1x1 conv_pred (official: conv_pred.0)
-        m = re.fullmatch(r"convs_all_levels\.(\d+)\.conv(\d+)\.(conv|gn)\.(weight|bias)", rest)
+        # (a deformable conv's offset conv: conv.conv_offset)
+        param = r"(conv|gn|conv\.conv_offset)\.(weight|bias)"
+        sub = {"conv": "", "gn": ".norm", "conv.conv_offset": ".conv_offset"}
+        m = re.fullmatch(rf"convs_all_levels\.(\d+)\.conv(\d+)\.{param}", rest)
         if m:
-            norm = ".norm" if m[3] == "gn" else ""
-            return f"head.{name}.levels.{m[1]}.{m[2]}{norm}.{m[4]}"
-        m = re.fullmatch(r"conv_pred\.(?:0\.)?(conv|gn)\.(weight|bias)", rest)
+            return f"head.{name}.levels.{m[1]}.{m[2]}{sub[m[3]]}.{m[4]}"
+        m = re.fullmatch(rf"conv_pred\.(?:0\.)?{param}", rest)
         if m:
-            return f"head.{name}.pred{'.norm' if m[1] == 'gn' else ''}.{m[2]}"
+            return f"head.{name}.pred{sub[m[1]]}.{m[2]}"
         return None
     if kind.startswith("list"):
         m = re.fullmatch(r"(\d+)\.(weight|bias)", rest)
@@ -415,13 +424,34 @@ def _describe_backbone(sd) -> dict:
                 f"unsupported layout: only blocks {[b for b in range(n) if has[b]]} of res{s} have "
                 "deformable convs; solo_d2 makes all or none of a stage's blocks deformable")
         deform.append(all(has))
+    offsets = {k: int(v.shape[0]) for k, v in sd.items()
+               if k.startswith(bu) and k.endswith("conv2.conv_offset.weight")}
+    modulated = _modulated(offsets, 3, "backbone")
     return {
         "deform_stages": tuple(deform),
+        "deform_modulated": modulated,
         "depth": depth,
         "stem_channels": int(sd[bu + "stem.conv1.weight"].shape[0]),
         "res2_channels": int(sd[f"{bu}res2.0.conv{convs[-1]}.weight"].shape[0]),
         "bottleneck_channels": int(sd[f"{bu}res2.0.conv1.weight"].shape[0]) if bottleneck else None,
     }
+
+
+def _modulated(offsets: Dict[str, int], k: int, where: str) -> bool:
+    """Whether the offset convs ``offsets`` (key -> output channels) of k x k deformable convs
+    are DCN v2 (3 k^2 channels) rather than v1 (2 k^2); all of them the same kind."""
+    kinds = {}
+    for key, c in offsets.items():
+        if c not in (2 * k * k, 3 * k * k):
+            raise ConversionError(
+                f"shape mismatch: {key} has {c} output channels, neither {2 * k * k} (DCN v1) nor "
+                f"{3 * k * k} (modulated DCN v2) for a {k}x{k} deformable conv")
+        kinds.setdefault(c == 3 * k * k, key)
+    if len(kinds) > 1:
+        raise ConversionError(
+            f"unsupported layout: the {where} mixes DCN v1 ({kinds[False]}) and DCN v2 "
+            f"({kinds[True]}); solo_d2 has one DCN type per {where}")
+    return bool(kinds) and next(iter(kinds))
 
 
 def _describe_neck(sd, info: ConvertedCheckpoint) -> None:
@@ -484,6 +514,22 @@ def _describe_solov2_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, boo
     if mf_norm != tower_norm:
         raise ConversionError("unsupported layout: the mask feature branch and the towers differ "
                               "in normalisation (solo_d2's MODEL.SOLO.NORM is one setting)")
+    mf_convs = [f"{mf}levels.{i}.{j}" for i in levels for j in range(max(i, 1))] + [mf + "pred"]
+    mf_deform = [c for c in mf_convs if c + ".conv_offset.weight" in sd]
+    if mf_deform and len(mf_deform) != len(mf_convs):
+        raise ConversionError(
+            f"unsupported layout: only {len(mf_deform)} of the {len(mf_convs)} mask feature convs "
+            f"are deformable (e.g. {mf_deform[0]}); solo_d2 makes all or none of them deformable")
+    offsets = {k: int(v.shape[0]) for k, v in sd.items()
+               if k.startswith(("head.cate_tower.", "head.kernel_tower.", mf + "levels."))
+               and k.endswith("conv_offset.weight")}
+    pred_offset = {k: int(v.shape[0]) for k, v in sd.items() if k == mf + "pred.conv_offset.weight"}
+    modulated = {m for m in (_modulated(offsets, 3, "head") if offsets else None,
+                             _modulated(pred_offset, 1, "head") if pred_offset else None)
+                 if m is not None}
+    if len(modulated) > 1:
+        raise ConversionError("unsupported layout: the head mixes DCN v1 and DCN v2 "
+                              "(solo_d2's MODEL.SOLO.DEFORMABLE_MODULATED is one setting)")
     e = int(sd[mf + "pred.weight"].shape[0])
     d = int(sd["head.kernel_pred.weight"].shape[0])
     k = int(round((d / e)**0.5))
@@ -497,6 +543,8 @@ def _describe_solov2_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, boo
     info.conv_channels = int(sd["head.cate_pred.weight"].shape[1])
     info.num_stacked_convs = n
     info.num_deformable_convs = n_def
+    info.head_deform_modulated = modulated == {True}
+    info.mask_feature_deformable = bool(mf_deform)
     info.norm = "GN" if tower_norm else ""
     info.mask_feature_dim = e
     info.mask_feature_channels = int(sd[mf + "pred.weight"].shape[1])
@@ -554,6 +602,9 @@ def _describe_head(sd, info: ConvertedCheckpoint, has_norm: Dict[str, bool]) -> 
     info.conv_channels = int(sd["head.cate_pred.weight"].shape[1])
     info.num_stacked_convs = n
     info.num_deformable_convs = n_def
+    info.head_deform_modulated = _modulated(
+        {k: int(v.shape[0]) for k, v in sd.items()
+         if k.startswith("head.") and k.endswith("conv_offset.weight")}, 3, "head")
     info.norm = "GN" if has_norm else ""
 
 
@@ -580,30 +631,47 @@ def config_file_for(conv: ConvertedCheckpoint,
     }[head]
     if head == "SOLOv2" and conv.num_stacked_convs is not None and conv.num_stacked_convs < 4:
         base += "_Light"
-    if head == "DecoupledSOLOLight" and (conv.num_deformable_convs or any(conv.deform_stages)):
-        base += "_DCN"
+    deformable = bool(conv.num_deformable_convs or any(conv.deform_stages)
+                      or conv.mask_feature_deformable)
+    # DCN configs: DecoupledSOLO_Light_DCN_R50_3x.yaml, SOLOv2_R101_DCN_3x.yaml
+    prefix, suffix = base, ""
+    if deformable and head == "DecoupledSOLOLight":
+        prefix = base + "_DCN"
+    elif deformable and head == "SOLOv2":
+        suffix = "_DCN"
     folder = os.path.join(root, _CONFIG_DIR)
     available = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    # schedule-less names (SOLOv2_Light_R18.yaml) count as 3x
-    pattern = re.compile(rf"^{re.escape(base)}_R(\d+)(?:_(\dx))?\.yaml$")
-    found = {}
-    for f in available:
-        m = pattern.match(f)
-        if m:
-            found.setdefault(int(m[1]), []).append(m[2] or "")
     notes = []
+
+    def configs(prefix, suffix):
+        # schedule-less names (SOLOv2_Light_R18.yaml) count as 3x
+        pattern = re.compile(rf"^{re.escape(prefix)}_R(\d+){re.escape(suffix)}(?:_(\dx))?\.yaml$")
+        found = {}
+        for f in available:
+            m = pattern.match(f)
+            if m:
+                found.setdefault(int(m[1]), []).append(m[2] or "")
+        return found
+
+    found = configs(prefix, suffix)
+    if not found and suffix:
+        notes.append(f"note: there is no {prefix}_R*{suffix} config; the plain {prefix} one is "
+                     "used with the checkpoint's deformable convs")
+        suffix = ""
+        found = configs(prefix, suffix)
     if not found:
-        raise ConversionError(f"no config {base}_R*_*.yaml in {folder}")
+        raise ConversionError(f"no config {prefix}_R*{suffix}_*.yaml in {folder}")
     depth = conv.depth
     if depth not in found:
         closest = min(found, key=lambda d: (abs(d - depth), d))
         notes.append(
-            f"note: there is no {base} config for ResNet-{depth}; the closest is R-{closest}")
+            f"note: there is no {prefix}{suffix} config for ResNet-{depth}; the closest is "
+            f"R-{closest}")
         depth = closest
     schedules = found[depth]
     sched = "1x" if "1x" in os.path.basename(source_name) and "1x" in schedules else (
         "3x" if "3x" in schedules else schedules[0])
-    path = os.path.join(_CONFIG_DIR, f"{base}_R{depth}{'_' + sched if sched else ''}.yaml")
+    path = os.path.join(_CONFIG_DIR, f"{prefix}_R{depth}{suffix}{'_' + sched if sched else ''}.yaml")
     return path, notes
 
 
@@ -612,6 +680,7 @@ _SIZE_KEYS = [
     "MODEL.BACKBONE.NAME",
     "MODEL.RESNETS.DEPTH",
     "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+    "MODEL.RESNETS.DEFORM_MODULATED",
     "MODEL.RESNETS.STEM_OUT_CHANNELS",
     "MODEL.RESNETS.RES2_OUT_CHANNELS",
     "MODEL.RESNETS.NUM_GROUPS",
@@ -622,6 +691,8 @@ _SIZE_KEYS = [
     "MODEL.SOLO.CONV_CHANNELS",
     "MODEL.SOLO.NUM_STACKED_CONVS",
     "MODEL.SOLO.NUM_DEFORMABLE_CONVS",
+    "MODEL.SOLO.DEFORMABLE_MODULATED",
+    "MODEL.SOLO.MASK_FEATURE_DEFORMABLE",
     "MODEL.SOLO.NORM",
     "MODEL.SOLO.MASK_FEATURE_DIM",
     "MODEL.SOLO.MASK_FEATURE_CHANNELS",
@@ -662,7 +733,7 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
     if any(conv.deform_stages):
         # ResNet-FPN with torchvision-based deformable convs (solo_d2.modeling.deformable_resnet)
         cfg.MODEL.BACKBONE.NAME = "build_solo_resnet_fpn_backbone"
-        r.DEFORM_MODULATED = False
+        r.DEFORM_MODULATED = conv.deform_modulated
         r.DEFORM_NUM_GROUPS = 1
     elif conv.depth in (18, 34) and (conv.stem_channels, conv.res2_channels) != (64, 64):
         # Detectron2's builder needs 64-channel stem and res2 for ResNet-18/34
@@ -686,9 +757,11 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
             s.MASK_FEATURE_CHANNELS = conv.mask_feature_channels
             s.MASK_FEATURE_NUM_LEVELS = conv.mask_feature_num_levels
             s.DYNAMIC_KERNEL_SIZE = conv.dynamic_kernel_size
+            s.MASK_FEATURE_DEFORMABLE = conv.mask_feature_deformable
         s.CONV_CHANNELS = conv.conv_channels
         s.NUM_STACKED_CONVS = conv.num_stacked_convs
         s.NUM_DEFORMABLE_CONVS = conv.num_deformable_convs
+        s.DEFORMABLE_MODULATED = conv.head_deform_modulated
         s.NORM = conv.norm
     cfg.DATASETS.TRAIN = ()
     cfg.DATASETS.TEST = ()

@@ -85,7 +85,7 @@ def test_published_configs_use_torchvision_style_inputs():
     # The published models: torchvision ResNets (stride in the 3x3 conv), RGB input normalised
     # with torchvision's ImageNet statistics, a converted torchvision checkpoint (never a URL).
     published = [c for c in CONFIGS if "COCO-InstanceSegmentation" in c]
-    assert len(published) == 15  # the base and one per published model (8 SOLO, 6 SOLOv2)
+    assert len(published) == 16  # the base and one per published model (8 SOLO, 7 SOLOv2)
     for path in published:
         cfg = _load(path)
         assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False and cfg.INPUT.FORMAT == "RGB", path

@@ -41,10 +41,11 @@ def _bn(sd, name, c):
     sd[f"{name}.num_batches_tracked"] = torch.tensor(7)
 
 
-def resnet(prefix="backbone.", depth=18, base=8, dcn=False):
-    """torchvision / mmdetection ResNet keys; bottleneck for depth 50 (expansion 4); ``dcn``:
-    deformable 3x3 convs (``conv2.conv_offset``) in layer2-layer4, as the light DCN model."""
-    blocks = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3]}[depth]
+def resnet(prefix="backbone.", depth=18, base=8, dcn=False, offset_channels=18):
+    """torchvision / mmdetection ResNet keys; bottleneck for depth 50 / 101 (expansion 4); ``dcn``:
+    deformable 3x3 convs (``conv2.conv_offset``, 18 channels for DCN v1, 27 for DCN v2) in
+    layer2-layer4, as the light DCN model and the SOLOv2 DCN models."""
+    blocks = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
     bottleneck = depth >= 50
     sd = {f"{prefix}conv1.weight": _t(base, 3, 7, 7)}
     _bn(sd, f"{prefix}bn1", base)
@@ -63,8 +64,8 @@ def resnet(prefix="backbone.", depth=18, base=8, dcn=False):
                 sd[f"{p}.conv{k}.weight"] = _t(*shape)
                 _bn(sd, f"{p}.bn{k}", shape[0])
             if dcn and s > 0:
-                sd[f"{p}.conv2.conv_offset.weight"] = _t(18, *shapes[1][1:])
-                sd[f"{p}.conv2.conv_offset.bias"] = _t(18)
+                sd[f"{p}.conv2.conv_offset.weight"] = _t(offset_channels, *shapes[1][1:])
+                sd[f"{p}.conv2.conv_offset.bias"] = _t(offset_channels)
             if b == 0 and (s > 0 or c0 != cout):
                 sd[f"{p}.downsample.0.weight"] = _t(cout, c0, 1, 1)
                 _bn(sd, f"{p}.downsample.1", cout)
@@ -357,14 +358,25 @@ def test_refuses_a_solo_d2_checkpoint(tmp_path, capsys):
     assert "already" in err
 
 
-def test_refuses_modulated_dcn(tmp_path, capsys):
-    """DCNv2 (27-channel offset+mask conv) is not solo_d2's DCN v1: a shape mismatch."""
-    sd = source("DecoupledSOLOLight", dcn=True)
+def test_modulated_dcn_converts_and_odd_offsets_are_refused(tmp_path, capsys):
+    """A 27-channel offset conv is modulated DCN v2: it converts to DEFORM_MODULATED /
+    DEFORMABLE_MODULATED and loads; an offset conv of any other width is refused by name."""
+    sd = source("DecoupledSOLOLight", depth=50, dcn=True, backbone_dcn=True)
     for k in list(sd):
         if "conv_offset" in k:
             sd[k] = _t(27, *sd[k].shape[1:])
-    err = _refused({"state_dict": sd}, tmp_path, capsys)
-    assert "shape mismatch" in err and "conv_offset" in err
+    src = tmp_path / "src.pth"
+    torch.save({"state_dict": sd}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    opts = [l for l in lines if "--opts" in l][0]
+    assert "MODEL.RESNETS.DEFORM_MODULATED True" in opts and "MODEL.SOLO.DEFORMABLE_MODULATED True" in opts
+    model, _ = load_into_model(tmp_path / "dst.pth", sd, lines[-1])
+    assert model.head.mask_tower[3].modulated and model.backbone.bottom_up.res4[0].conv2.modulated
+    sd["backbone.layer3.1.conv2.conv_offset.weight"] = _t(20, 32, 3, 3)
+    (tmp_path / "refused").mkdir()
+    err = _refused({"state_dict": sd}, tmp_path / "refused", capsys)
+    assert "backbone.bottom_up.res4.1.conv2.conv_offset.weight has 20 output channels" in err
 
 
 @pytest.mark.parametrize(
@@ -464,11 +476,14 @@ def test_torchvision_resnet_features_match(arch, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # SOLOv2
 # ---------------------------------------------------------------------------------------------
-def head_v2(names="mmdet", ch=32, convs=2, classes=3, e=32, mf_ch=32, in_ch=32, k=1, dcn=False):
+def head_v2(names="mmdet", ch=32, convs=2, classes=3, e=32, mf_ch=32, in_ch=32, k=1, dcn=False,
+            mf_dcn=False):
     """A SOLOv2 head in mmdetection's names (``mask_head.`` with ``kernel_convs``,
     ``conv_kernel``, ``mask_feature_head.``) or the official repository's (``bbox_head.`` with
     ``kernel_convs``, ``solo_kernel``, and a top-level ``mask_feat_head.`` whose 1x1 conv is
-    ``conv_pred.0``). ``dcn``: every tower conv modulated-deformable (DCN v2, 27 channels)."""
+    ``conv_pred.0``). ``dcn``: every tower conv modulated-deformable (DCN v2, 27 channels);
+    ``mf_dcn``: every mask feature conv too (27 channels, 3 for the 1x1 ``conv_pred``), as the
+    published R-101 DCN model (mmcv's ``ModulatedDeformConv2dPack.conv_offset``)."""
     if names == "mmdet":
         p, cls, conv_cls, conv_kernel = "mask_head.", "cls_convs", "conv_cls", "conv_kernel"
         mf, pred = "mask_head.mask_feature_head.", "conv_pred"
@@ -477,9 +492,12 @@ def head_v2(names="mmdet", ch=32, convs=2, classes=3, e=32, mf_ch=32, in_ch=32, 
         mf, pred = "mask_feat_head.", "conv_pred.0"
     sd = {}
 
-    def module(name, cin, cout, ksize):
+    def module(name, cin, cout, ksize, deform=False):
         sd[f"{name}.conv.weight"] = _t(cout, cin, ksize, ksize)
         sd[f"{name}.gn.weight"], sd[f"{name}.gn.bias"] = _t(cout), _t(cout)
+        if deform:
+            sd[f"{name}.conv.conv_offset.weight"] = _t(3 * ksize * ksize, cin, ksize, ksize)
+            sd[f"{name}.conv.conv_offset.bias"] = _t(3 * ksize * ksize)
 
     for tower, cin in ((cls, in_ch), ("kernel_convs", in_ch + 2)):
         for i in range(convs):
@@ -492,14 +510,14 @@ def head_v2(names="mmdet", ch=32, convs=2, classes=3, e=32, mf_ch=32, in_ch=32, 
     for i in range(4):
         for j in range(max(i, 1)):
             cin = (in_ch + (2 if i == 3 else 0)) if j == 0 else mf_ch
-            module(f"{mf}convs_all_levels.{i}.conv{j}", cin, mf_ch, 3)
-    module(f"{mf}{pred}", mf_ch, e, 1)
+            module(f"{mf}convs_all_levels.{i}.conv{j}", cin, mf_ch, 3, mf_dcn)
+    module(f"{mf}{pred}", mf_ch, e, 1, mf_dcn)
     return sd
 
 
-def source_v2(names="mmdet", depth=18, **kw):
-    bb, chans = resnet("backbone.", depth)
-    return {**bb, **fpn(chans), **head_v2(names, **kw)}
+def source_v2(names="mmdet", depth=18, base=8, fpn_ch=32, backbone_dcn=False, **kw):
+    bb, chans = resnet("backbone.", depth, base=base, dcn=backbone_dcn, offset_channels=27)
+    return {**bb, **fpn(chans, fpn_ch), **head_v2(names, in_ch=fpn_ch, **kw)}
 
 
 @pytest.mark.parametrize("names", ["mmdet", "official"])
@@ -548,9 +566,21 @@ def test_solov2_light_and_kernel_size(tmp_path, capsys):
     load_into_model(tmp_path / "dst.pth", sd, lines[-1])
 
 
-def test_solov2_refuses_modulated_dcn_and_incomplete_mask_feature(tmp_path, capsys):
-    err = _refused({"state_dict": source_v2(dcn=True)}, tmp_path, capsys)
-    assert "shape mismatch" in err and "conv_offset" in err
+def test_solov2_refuses_mixed_dcn_and_incomplete_mask_feature(tmp_path, capsys):
+    sd = source_v2(dcn=True)
+    sd["mask_head.cls_convs.0.conv.conv_offset.weight"] = _t(18, 32, 3, 3)
+    sd["mask_head.cls_convs.0.conv.conv_offset.bias"] = _t(18)
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "mixes DCN v1" in err and "DCN v2" in err
+    sd = source_v2(dcn=True)
+    sd["mask_head.kernel_convs.1.conv.conv_offset.weight"] = _t(20, 32, 3, 3)
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "head.kernel_tower.3.conv_offset.weight has 20 output channels" in err
+    sd = source_v2(dcn=True, mf_dcn=True)
+    del sd["mask_head.mask_feature_head.conv_pred.conv.conv_offset.weight"]
+    del sd["mask_head.mask_feature_head.conv_pred.conv.conv_offset.bias"]
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "mask feature convs" in err and "all or none" in err
     sd = source_v2()
     del sd["mask_head.mask_feature_head.convs_all_levels.2.conv1.gn.weight"]
     err = _refused({"state_dict": sd}, tmp_path, capsys)
@@ -580,3 +610,53 @@ def test_solov2_config_choice(depth, convs, name, config, note):
     assert path == f"{COCO}/{config}"
     assert os.path.isfile(os.path.join(ROOT, path))
     assert notes == [] if note is None else (len(notes) == 1 and note in notes[0])
+
+
+@pytest.mark.parametrize("names", ["mmdet", "official"])
+def test_solov2_r101_dcn_converts_and_loads_strictly_into_the_published_config(names, tmp_path, capsys):
+    """The published R-101 DCN layout (DCN v2 in res3-res5, in every tower conv and every mask
+    feature conv) at full size: its config is SOLOv2_R101_DCN_3x.yaml unchanged (no --opts), and
+    the converted weights load strictly into the model that config builds."""
+    from helpers import solo_test_cfg
+    from solo_d2.checkpoint_conversion import check_against_model, config_overrides
+
+    sd = source_v2(names, depth=101, base=64, fpn_ch=256, backbone_dcn=True, ch=512, convs=4,
+                   classes=80, e=256, mf_ch=128, dcn=True, mf_dcn=True)
+    conv = convert_state_dict(sd)
+    assert conv.deform_stages == (False, True, True, True) and conv.deform_modulated
+    assert (conv.num_deformable_convs, conv.head_deform_modulated, conv.mask_feature_deformable) == (4, True, True)
+    path, notes = config_file_for(conv, "solov2_r101_dcn_fpn_3x_coco.pth", root=ROOT)
+    assert path == f"{COCO}/SOLOv2_R101_DCN_3x.yaml" and notes == []
+    cfg = solo_test_cfg(os.path.join(ROOT, path))
+    assert config_overrides(converted_config(conv, os.path.join(ROOT, path)), cfg) == []
+    model = build_model(cfg)
+    check_against_model(conv.state_dict, model)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(("pixel_mean", "pixel_std"))}
+    model.load_state_dict({**conv.state_dict, **own}, strict=True)
+    p = "mask_head." if names == "mmdet" else "bbox_head."
+    mf = "mask_head.mask_feature_head." if names == "mmdet" else "mask_feat_head."
+    pred = "conv_pred" if names == "mmdet" else "conv_pred.0"
+    cls = "cls_convs" if names == "mmdet" else "cate_convs"
+    sdm = model.state_dict()
+    assert torch.equal(sdm["head.cate_tower.0.conv_offset.weight"], sd[f"{p}{cls}.0.conv.conv_offset.weight"])
+    assert torch.equal(sdm["head.kernel_tower.9.conv_offset.bias"], sd[f"{p}kernel_convs.3.conv.conv_offset.bias"])
+    assert torch.equal(sdm["head.mask_feature.levels.3.2.conv_offset.weight"],
+                       sd[f"{mf}convs_all_levels.3.conv2.conv.conv_offset.weight"])
+    assert torch.equal(sdm["head.mask_feature.pred.conv_offset.weight"], sd[f"{mf}{pred}.conv.conv_offset.weight"])
+    assert torch.equal(sdm["backbone.bottom_up.res5.2.conv2.conv_offset.weight"],
+                       sd["backbone.layer4.2.conv2.conv_offset.weight"])
+
+
+def test_solov2_dcn_cli_names_the_dcn_config(tmp_path, capsys):
+    # small widths, R-101 blocks: the CLI's last line is the DCN config; the weights load
+    sd = source_v2("official", depth=101, backbone_dcn=True, ch=32, convs=4, e=32, dcn=True, mf_dcn=True)
+    src = tmp_path / "SOLOv2_R101_DCN_3x.pth"
+    torch.save({"state_dict": sd}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    assert lines[-1] == f"{COCO}/SOLOv2_R101_DCN_3x.yaml"
+    model, _ = load_into_model(tmp_path / "dst.pth", sd, lines[-1])
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)}])
+    assert out[0]["instances"].pred_masks.shape[1:] == (64, 96)
