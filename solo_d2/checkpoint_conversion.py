@@ -103,7 +103,7 @@ class ConvertedCheckpoint:
     stem_channels: int
     res2_channels: int
     bottleneck_channels: Optional[int] = None
-    #: res2..res5: whether the stage's 3x3 convs are deformable (DCN v1 ``conv2.conv_offset``)
+    #: res2..res5: whether the stage's 3x3 convs are deformable (``conv2.conv_offset``)
     deform_stages: Tuple[bool, bool, bool, bool] = (False, False, False, False)
     #: the backbone's deformable convs are DCN v2 (27-channel ``conv_offset``)
     deform_modulated: bool = False

@@ -80,8 +80,9 @@ def add_solo_config(cfg):
     _C.MODEL.SOLO.NUM_STACKED_CONVS = 7
     # Normalisation in the towers: "GN" (32 groups), "" for none, or any detectron2 get_norm name.
     _C.MODEL.SOLO.NORM = "GN"
-    # How many convs of each tower, counted from the last, are deformable 3x3 convs (DCN v1 on
-    # torchvision.ops.deform_conv2d) instead of plain ones. The reference light DCN model uses 1.
+    # How many convs of each tower, counted from the last, are deformable 3x3 convs (on
+    # torchvision.ops.deform_conv2d) instead of plain ones. The reference Decoupled SOLO light DCN
+    # model uses 1, the SOLOv2 R-101 DCN model all of them.
     _C.MODEL.SOLO.NUM_DEFORMABLE_CONVS = 0
     # Whether those deformable convs (and SOLOv2's MASK_FEATURE_DEFORMABLE convs) are modulated,
     # DCN v2 (offsets and a sigmoid modulation per kernel position, the published SOLOv2 DCN

@@ -81,3 +81,26 @@ def test_v2_gradients_reach_offsets_and_modulation():
     conv(x).square().sum().backward()
     g = conv.conv_offset.bias.grad
     assert g is not None and g[18:].abs().sum() > 0 and g[:18].abs().sum() > 0
+
+
+def test_deformable_mask_feature_branch_starts_as_the_plain_one_with_halved_kernels():
+    # SOLOv2's mask feature branch with every conv DCN v2 (the R-101 DCN model): with zero
+    # offsets and modulation 0.5 it equals the plain branch whose conv kernels (not biases) are
+    # halved (no norm, which would hide the scale).
+    from solo_d2.modeling.mask_feature_head import MaskFeatureHead
+
+    torch.manual_seed(0)
+    dcn = MaskFeatureHead(8, 32, 16, 4, "", deformable=True, modulated=True)
+    plain = MaskFeatureHead(8, 32, 16, 4, "")
+    with torch.no_grad():
+        for c in dcn.convs():
+            c.bias.uniform_(-1, 1)
+    sd = {k: v for k, v in dcn.state_dict().items() if "conv_offset" not in k}
+    sd = {k: 0.5 * v if k.endswith(".weight") and v.dim() == 4 else v for k, v in sd.items()}
+    plain.load_state_dict(sd, strict=True)
+    feats = [torch.randn(2, 8, 16 // 2**i, 24 // 2**i) for i in range(4)]
+    out = dcn(feats)
+    assert out.shape == (2, 16, 16, 24)
+    torch.testing.assert_close(out, plain(feats), rtol=1e-4, atol=1e-4)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in dcn.parameters())
