@@ -660,3 +660,21 @@ def test_solov2_dcn_cli_names_the_dcn_config(tmp_path, capsys):
     with torch.no_grad():
         out = model([{"image": torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)}])
     assert out[0]["instances"].pred_masks.shape[1:] == (64, 96)
+
+
+def test_solov2_light_dcn_falls_back_to_the_light_config_with_a_note(tmp_path, capsys):
+    # The official light 512 DCN model has no config of its own: the light one, the DCN keys in
+    # --opts, a note saying so; the weights load.
+    sd = source_v2("official", depth=50, backbone_dcn=True, ch=32, convs=2, e=32, dcn=True)
+    src = tmp_path / "SOLOv2_LIGHT_512_DCN_R50_3x.pth"
+    torch.save({"state_dict": sd}, src)
+    rc, lines, err = run_cli([src, tmp_path / "dst.pth"], capsys)
+    assert rc == 0, err
+    assert lines[-1] == f"{COCO}/SOLOv2_Light_R50.yaml"
+    assert any("no SOLOv2_Light_R*_DCN config" in l for l in lines + err.splitlines()), (lines, err)
+    opts = [l for l in lines if "--opts" in l][0]
+    for key in ["MODEL.RESNETS.DEFORM_MODULATED True", "MODEL.SOLO.NUM_DEFORMABLE_CONVS 2",
+                "MODEL.SOLO.DEFORMABLE_MODULATED True"]:
+        assert key in opts, opts
+    assert "MASK_FEATURE_DEFORMABLE" not in opts
+    load_into_model(tmp_path / "dst.pth", sd, lines[-1])
