@@ -176,7 +176,7 @@ def main():
             probs = torch.cat([point_nms(c[0].sigmoid()).flatten() for c in cate])
         thresh = float(probs.topk(min(args.candidates, probs.numel())).values[-1])
         model.postprocess.score_thresh = thresh
-        print(f"random weights: SCORE_THRESH_TEST set to {thresh:.6f} ({args.candidates} candidates on image 0)")
+        print(f"random weights (--seed {args.seed}): SCORE_THRESH_TEST set to {thresh:.6f} ({args.candidates} candidates on image 0)")
 
     tmp = tempfile.mkdtemp(prefix="solo_deploy_")
     onnx_path = os.path.join(tmp, "model.onnx")
