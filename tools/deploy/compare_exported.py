@@ -44,6 +44,8 @@ def parse():
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="resize every image to this size (random-weight runs)")
     p.add_argument("--candidates", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch seed of the random weights (a failing random-weight run can be rerun)")
     p.add_argument("--latency", type=int, default=0, help="timed runs per runtime (0: no timing)")
     p.add_argument("--no-openvino", action="store_true")
     p.add_argument("--eval", action="store_true", help="also COCO-evaluate eager and ONNX on DATASETS.TEST")
@@ -85,7 +87,8 @@ def mask_iou(a, b):
 
 
 def compare(ref, got):
-    """(ok, n_ref, n_got, max score difference, min mask IoU) for one image.
+    """(ok, n_ref, n_got, max score difference, min mask IoU, why) for one image; ``why`` names
+    the detections without a counterpart when it fails (else "").
 
     Detections are matched in order; where scores within 1e-5 of each other come out in another
     order (random-weight models have many near-equal scores, and the runtimes round differently),
@@ -95,9 +98,9 @@ def compare(ref, got):
     ref_masks, ref_scores, ref_classes = ref[0], ref[1].numpy(), ref[2].numpy()
     n_ref, n = len(ref_scores), len(scores)
     if n_ref != n or tuple(masks.shape) != tuple(ref_masks.shape):
-        return False, n_ref, n, float("nan"), float("nan")
+        return False, n_ref, n, float("nan"), float("nan"), f"{n_ref} detections, got {n}"
     if n == 0:
-        return True, 0, 0, 0.0, 1.0
+        return True, 0, 0, 0.0, 1.0, ""
     masks = torch.as_tensor(masks)
     match = np.arange(n)
     in_order_iou = mask_iou(ref_masks, masks).numpy()
@@ -107,13 +110,29 @@ def compare(ref, got):
     for i in unmatched:
         cands = [j for j in free if classes[j] == ref_classes[i] and abs(scores[j] - ref_scores[i]) <= 1e-3]
         if not cands:
-            return False, n_ref, n, float("nan"), float("nan")
+            return False, n_ref, n, float("nan"), float("nan"), unmatched_report(ref, got)
         j = max(cands, key=lambda j: float(mask_iou(ref_masks[i : i + 1], masks[j : j + 1])[0]))
         match[i] = j
         free.discard(j)
     ds = float(np.abs(scores[match] - ref_scores).max())
     iou = float(mask_iou(ref_masks, masks[match]).min())
-    return ds <= 1e-3 and iou >= 0.99, n_ref, n, ds, iou
+    ok = ds <= 1e-3 and iou >= 0.99
+    return ok, n_ref, n, ds, iou, "" if ok else unmatched_report(ref, got)
+
+
+def unmatched_report(ref, got):
+    """The detections of each side that have no counterpart on the other (same class, score
+    within 1e-3, mask IoU >= 0.99), as (rank, class, score), and each side's last score: says
+    whether a failure is at the cut (the last places) or in the body of the ranking."""
+    rm, rs, rc = torch.as_tensor(np.asarray(ref[0])), np.asarray(ref[1]), np.asarray(ref[2])
+    gm, gs, gc = torch.as_tensor(np.asarray(got[0])), np.asarray(got[1]), np.asarray(got[2])
+    ok = (rc[:, None] == gc[None]) & (np.abs(rs[:, None] - gs[None]) <= 1e-3)
+    for i, j in zip(*np.nonzero(ok)):
+        ok[i, j] = float(mask_iou(rm[i : i + 1], gm[j : j + 1])[0]) >= 0.99
+    fmt = lambda idx, s, c: [(int(k), int(c[k]), round(float(s[k]), 6)) for k in idx]  # noqa: E731
+    return (f"eager without counterpart (rank, class, score): {fmt(np.nonzero(~ok.any(1))[0], rs, rc)}, "
+            f"last score {rs[-1]:.6f}; exported without counterpart: {fmt(np.nonzero(~ok.any(0))[0], gs, gc)}, "
+            f"last score {gs[-1]:.6f}")
 
 
 def main():
@@ -134,6 +153,7 @@ def main():
     if args.random_weights:
         cfg.MODEL.WEIGHTS = ""
     cfg.freeze()
+    torch.manual_seed(args.seed)
     predictor = SOLOPredictor(cfg, allow_partial_weights=True if args.random_weights else None)
     model = predictor.model
     dataset, images = load_images(cfg, args.images, args.size, args.include_empty)
@@ -156,7 +176,7 @@ def main():
             probs = torch.cat([point_nms(c[0].sigmoid()).flatten() for c in cate])
         thresh = float(probs.topk(min(args.candidates, probs.numel())).values[-1])
         model.postprocess.score_thresh = thresh
-        print(f"random weights: SCORE_THRESH_TEST set to {thresh:.6f} ({args.candidates} candidates on image 0)")
+        print(f"random weights (--seed {args.seed}): SCORE_THRESH_TEST set to {thresh:.6f} ({args.candidates} candidates on image 0)")
 
     tmp = tempfile.mkdtemp(prefix="solo_deploy_")
     onnx_path = os.path.join(tmp, "model.onnx")
@@ -186,6 +206,9 @@ def main():
         all_ok &= ok
         print(f"  {name}: {'PASS' if ok else 'FAIL'}; max |score diff| {max(x[3] for x in r):.2e}, "
               f"min mask IoU {min(x[4] for x in r):.4f}, failing images {[i for i, x in enumerate(r) if not x[0]]}")
+        for i, x in enumerate(r):
+            if not x[0]:
+                print(f"    image {i}: {x[5]}")
 
     if args.latency:
         busiest = max(range(len(images)), key=lambda i: rows["onnxruntime"][i][1])
