@@ -92,7 +92,11 @@ def two_process_run(request, tmp_path_factory):
         "MODEL.WEIGHTS", str(init), "SOLVER.MAX_ITER", str(ITERS), "SOLVER.IMS_PER_BATCH", str(BATCH),
         "SOLVER.CHECKPOINT_PERIOD", "2", "MODEL.SOLO.HEAD_TYPE", request.param,
     ]
-    proc = start(driver_cmd(env, out, "--num-gpus", "2", opts=opts), env, root)
+    # A free port: Detectron2's default --dist-url port depends only on the user id, so two
+    # runs at once on one machine (two checkouts' test suites) would collide (EADDRINUSE).
+    port = _free_port()
+    cmd = driver_cmd(env, out, "--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{port}", opts=opts)
+    proc = start(cmd, env, root)
     # Meanwhile, the 1-process emulation (1 thread, like each rank).
     cfg = tiny_cfg()
     cfg.merge_from_list(["DATASETS.TRAIN", "('ddp_train',)", "SEED", "0", *opts])
