@@ -130,6 +130,9 @@ def test_mask_probs_equal_full_masks_selected(cls):
     assert torch.allclose(got, full[img, cell], atol=atol)
     # out_size equal to the mask size changes nothing
     assert torch.equal(head.mask_probs(mask_feats[0], 0, img, cell, out_size=(32, 32)), got)
+    # one image (inference): the same masks
+    one = head.mask_probs(head.image_mask_feat(mask_feats[0], 1), 0, torch.zeros(2, dtype=torch.long), cell[[0, 2]])
+    assert torch.allclose(one, full[1, cell[[0, 2]]], atol=atol)
 
 
 def _capture_inputs(module, store, key):

@@ -203,3 +203,49 @@ def test_many_candidates_are_rescored_in_chunks_with_the_same_result(monkeypatch
     assert torch.equal(chunked.pred_classes, whole.pred_classes)
     assert torch.equal(chunked.scores, whole.scores)
     assert torch.equal(chunked.pred_masks, whole.pred_masks)
+
+
+def _exporting(monkeypatch, value):
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: value)
+
+
+def test_matrix_nms_per_class_products_equal_all_pairs(monkeypatch):
+    # Eager mode multiplies the masks of each class only; an exported graph multiplies all pairs.
+    # Pixel counts are exact in float32, so the decayed scores are the same, bit for bit.
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(40, 23, 31, generator=g) > 0.6
+    labels = torch.randint(0, 5, (40,), generator=g)
+    scores = torch.rand(40, generator=g).sort(descending=True).values
+    per_class = matrix_nms(masks, labels, scores)
+    _exporting(monkeypatch, True)
+    all_pairs = matrix_nms(masks, labels, scores)
+    assert torch.equal(per_class, all_pairs)
+    assert (per_class < scores).any()  # some masks were decayed
+
+
+def test_blocked_area_and_maskness_equal_the_whole_tensor_pass(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    soft = torch.rand(29, 13, 17, generator=g)  # 29 masks: 3 full blocks of 8 and a partial one
+    pp = _postprocessor(mask_thresh=0.5)
+    binary, area, mass = pp._binary_area_mass(soft)
+    _exporting(monkeypatch, True)
+    b_ref, a_ref, m_ref = pp._binary_area_mass(soft)
+    assert binary.dtype == torch.bool and area.dtype == torch.int64 and mass.dtype == torch.float32
+    assert torch.equal(binary, b_ref) and torch.equal(area, a_ref)
+    assert torch.allclose(mass, m_ref, rtol=1e-6, atol=0)
+    assert torch.equal(area, (soft > 0.5).sum(dim=(1, 2)))
+
+
+def test_soft_masks_of_candidates_in_any_level_order():
+    # Candidates come in level order by default (no reordering needed), or in score order with
+    # NMS_PRE_BEFORE_MASKS: row r is always candidate r's mask.
+    feats = [torch.arange(16.0)[:, None, None].expand(16, 4, 4), 100 + torch.arange(4.0)[:, None, None].expand(4, 4, 4)]
+    pp = _postprocessor()
+
+    def mask_fn(level, cells):
+        return feats[level][cells]
+
+    for levels, cells in (([0, 0, 1, 1], [3, 9, 0, 2]), ([1, 0, 1, 0], [2, 9, 0, 3])):
+        soft = pp._soft_masks(torch.tensor(levels), torch.tensor(cells), mask_fn, (4, 4))
+        expected = torch.tensor([(100.0 if lv else 0.0) + c for lv, c in zip(levels, cells)])
+        assert torch.equal(soft[:, 0, 0], expected) and soft.shape == (4, 4, 4)

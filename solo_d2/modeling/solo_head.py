@@ -375,14 +375,17 @@ class SOLOHead(BaseSOLOHead):
         conv = self.mask_preds[level]
         n, e, h, w = mask_feat.shape
         weight = conv.weight.view(conv.out_channels, e)
-        out = mask_feat.new_empty((img_idx.numel(), h * w))
-        # Group by image (a loop over the batch, not over cells, and not over the values of
-        # img_idx, so that it exports): one matmul per image, of its cells (possibly none).
-        for b in range(n):
-            sel = (img_idx == b).nonzero().squeeze(1)
-            cells = cell_idx[sel]
-            logits = torch.addmm(conv.bias[cells, None], weight[cells], mask_feat[b].view(e, -1))
-            out = out.index_put((sel,), logits)
+        if n == 1:  # every cell is of the one image (inference: one image at a time)
+            out = torch.addmm(conv.bias[cell_idx, None], weight[cell_idx], mask_feat[0].view(e, -1))
+        else:
+            out = mask_feat.new_empty((img_idx.numel(), h * w))
+            # Group by image (a loop over the batch, not over cells, and not over the values of
+            # img_idx, so that it exports): one matmul per image, of its cells (possibly none).
+            for b in range(n):
+                sel = (img_idx == b).nonzero().squeeze(1)
+                cells = cell_idx[sel]
+                logits = torch.addmm(conv.bias[cells, None], weight[cells], mask_feat[b].view(e, -1))
+                out = out.index_put((sel,), logits)
         probs = upsample2x(out.view(-1, 1, h, w))[:, 0].sigmoid()
         return resize_probs(probs, out_size)
 
