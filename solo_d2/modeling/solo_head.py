@@ -327,6 +327,24 @@ class BaseSOLOHead(nn.Module):
         return mask_feat[b : b + 1]
 
     @staticmethod
+    def rows_per_image(num_images: int, img_idx: torch.Tensor, form, like: torch.Tensor) -> torch.Tensor:
+        """Rows of cells of several images, formed one image at a time: ``form(b, sel)`` returns
+        the rows of the cells ``sel`` (an index into ``img_idx``) of image ``b``; the result has
+        row r for cell r. A loop over the batch (not over cells, nor over the values of
+        ``img_idx``, so that it exports); one image (inference) is formed in one call,
+        ``sel = slice(None)``."""
+        if num_images == 1:
+            return form(0, slice(None))
+        out = None
+        for b in range(num_images):
+            sel = (img_idx == b).nonzero().squeeze(1)
+            rows = form(b, sel).to(like.dtype)
+            if out is None:
+                out = rows.new_empty((img_idx.numel(), *rows.shape[1:]))
+            out = out.index_put((sel,), rows)
+        return out
+
+    @staticmethod
     def resize_features(features: List[torch.Tensor]) -> List[torch.Tensor]:
         """P2 is resized to P3's size (x0.5) and the last level to the size of the one before."""
         feats = list(features)
@@ -375,17 +393,12 @@ class SOLOHead(BaseSOLOHead):
         conv = self.mask_preds[level]
         n, e, h, w = mask_feat.shape
         weight = conv.weight.view(conv.out_channels, e)
-        if n == 1:  # every cell is of the one image (inference: one image at a time)
-            out = torch.addmm(conv.bias[cell_idx, None], weight[cell_idx], mask_feat[0].view(e, -1))
-        else:
-            out = mask_feat.new_empty((img_idx.numel(), h * w))
-            # Group by image (a loop over the batch, not over cells, and not over the values of
-            # img_idx, so that it exports): one matmul per image, of its cells (possibly none).
-            for b in range(n):
-                sel = (img_idx == b).nonzero().squeeze(1)
-                cells = cell_idx[sel]
-                logits = torch.addmm(conv.bias[cells, None], weight[cells], mask_feat[b].view(e, -1))
-                out = out.index_put((sel,), logits)
+
+        def form(b, sel):  # one matmul per image, of its cells (possibly none)
+            cells = cell_idx[sel]
+            return torch.addmm(conv.bias[cells, None], weight[cells], mask_feat[b].view(e, -1))
+
+        out = self.rows_per_image(n, img_idx, form, mask_feat)
         probs = upsample2x(out.view(-1, 1, h, w))[:, 0].sigmoid()
         return resize_probs(probs, out_size)
 

@@ -162,16 +162,9 @@ class SOLOv2Head(BaseSOLOHead):
         key, inverse = torch.unique(img_idx * s2 + cell_idx, return_inverse=True)
         img_u, cell_u = key // s2, key % s2
         chosen = kernels.flatten(2)[img_u, :, cell_u]  # (U, D)
-        h, w = feat.shape[-2:]
-        if kernels.shape[0] == 1:  # every cell is of the one image (inference: one at a time)
-            out = self._masks(chosen, feat).to(feat.dtype)
-        else:
-            out = feat.new_empty((key.numel(), h, w))
-            # Group by image (a loop over the batch, not over cells, and not over the values of
-            # img_u, so that it exports): one product per image, of its cells (possibly none).
-            for b in range(kernels.shape[0]):
-                sel = (img_u == b).nonzero().squeeze(1)
-                out = out.index_put((sel,), self._masks(chosen[sel], feat[b : b + 1]).to(out.dtype))
+        out = self.rows_per_image(
+            kernels.shape[0], img_u, lambda b, sel: self._masks(chosen[sel], feat[b : b + 1]), feat
+        )
         probs = resize_probs(out.sigmoid(), out_size)
         if not torch.compiler.is_exporting() and torch.equal(
             inverse, torch.arange(inverse.numel(), device=inverse.device)
