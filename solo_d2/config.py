@@ -149,8 +149,9 @@ def add_solo_config(cfg):
     # Sigma of the gaussian Matrix NMS kernel.
     _C.MODEL.SOLO.NMS_SIGMA = 2.0
 
-    # Run the backbone (ResNet + FPN) in channels-last memory format: faster convolutions on CPU
-    # for a BatchNorm ResNet (BENCHMARKS.md, "Speed and memory"). The head always sees standard (N, C, H, W)
+    # Run the backbone (ResNet + FPN) and the SOLO head's convolutions in channels-last memory
+    # format: faster convolutions on CPU for a BatchNorm ResNet and for the GroupNorm towers
+    # (BENCHMARKS.md, "Channels-last and the heads"). The head's outputs are standard (N, C, H, W)
     # tensors; results equal those of the standard layout up to float rounding.
     _C.MODEL.SOLO.CHANNELS_LAST = True
     # Inference precision of backbone and head: "float32", or "bfloat16" (autocast on the model's

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does the SOLO head (GroupNorm towers) run faster in channels-last memory format? Times the
-head's forward on one model's calibrated random-weight features, standard layout and
-channels-last alternating, float32 and bfloat16 (``MODEL.SOLO.INFERENCE_DTYPE``'s autocast).
+head's forward on one model's calibrated random-weight features, standard layout,
+channels-last (features and weights) and channels-last features only, in turn, float32 and bfloat16 (``MODEL.SOLO.INFERENCE_DTYPE``'s autocast).
 
     python tools/head_layout.py --model SOLO --runs 3 --threads 1
 """
@@ -37,9 +37,10 @@ def main(argv=None):
         for dtype in ("float32", "bfloat16"):
             model.inference_dtype = dtype
             times = {}
-            for cl in (False, True) * (a.runs + 1):  # the first pair is a warm-up
-                fmt = torch.channels_last if cl else torch.contiguous_format
-                model.head.to(memory_format=fmt)
+            # standard layout; channels-last features and weights; channels-last features only
+            for cl in ("standard", "channels-last", "channels-last input") * (a.runs + 1):
+                fmt = torch.contiguous_format if cl == "standard" else torch.channels_last
+                model.head.to(memory_format=torch.channels_last if cl == "channels-last" else torch.contiguous_format)
                 x = [t.contiguous(memory_format=fmt) for t in feats]
                 with model.inference_autocast():
                     sync()
@@ -48,8 +49,8 @@ def main(argv=None):
                     sync()
                 times.setdefault(cl, []).append(time.perf_counter() - t0)
             for cl, ts in times.items():
-                ts = [t * 1000 for t in ts[1:]]
-                print(f"{a.model} {h}x{w} {dtype} head, {'channels-last' if cl else 'standard layout'}: "
+                ts = [t * 1000 for t in ts[1:]]  # the first round is a warm-up
+                print(f"{a.model} {h}x{w} {dtype} head, {cl}: "
                       f"median {statistics.median(ts):.0f} ms (min {min(ts):.0f}, max {max(ts):.0f}, "
                       f"n={len(ts)}), threads {a.threads}", flush=True)
 

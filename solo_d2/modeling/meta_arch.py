@@ -83,7 +83,8 @@ class SOLO(nn.Module):
             postprocessor: turns one image's head outputs into ``Instances``.
             in_features: backbone features fed to the head, finest first.
             pixel_mean, pixel_std: per-channel normalisation of the input image.
-            channels_last: run the backbone in channels-last memory format.
+            channels_last: run the backbone and the head's convolutions in channels-last memory
+                format (the head's outputs are standard-layout tensors either way).
             inference_dtype: "float32" or "bfloat16": backbone and head at inference under
                 autocast in that dtype (:meth:`inference_autocast`); post-processing in float32.
             Others: see :mod:`solo_d2.config`.
@@ -128,6 +129,7 @@ class SOLO(nn.Module):
         self.inference_dtype = inference_dtype
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+            self.head.to(memory_format=torch.channels_last)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -236,11 +238,12 @@ class SOLO(nn.Module):
         return [c.float() for c in cate_logits], [to_float(m) for m in mask_feats]
 
     def run_backbone(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Backbone + FPN on the (N, 3, H, W) batch; returns standard-layout feature maps."""
+        """Backbone + FPN on the (N, 3, H, W) batch; returns the feature maps in the model's
+        memory layout (channels-last with ``channels_last``: the head's convolutions run in it
+        too; the head returns standard-layout tensors)."""
         if not self.channels_last:
             return self.backbone(x)
-        features = self.backbone(x.contiguous(memory_format=torch.channels_last))
-        return {k: v.contiguous() for k, v in features.items()}
+        return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> ImageList:
         """Check (:func:`check_batched_inputs`), normalise, pad (to the backbone's size

@@ -285,9 +285,11 @@ class BaseSOLOHead(nn.Module):
         feats = self.resize_features(features)
         cate_logits, mask_feats = [], []
         for level, (feat, s) in enumerate(zip(feats, self.num_grids)):
-            mask_feats.append(self.mask_forward(feat, level))
+            # Inputs may be channels-last (MODEL.SOLO.CHANNELS_LAST: the towers run in it);
+            # outputs are standard-layout tensors.
+            mask_feats.append(self.mask_forward(feat, level).contiguous())
             cate_feat = self.cate_input(feat, s)
-            cate_logits.append(self.cate_pred(self.cate_tower(cate_feat)))
+            cate_logits.append(self.cate_pred(self.cate_tower(cate_feat)).contiguous())
         return cate_logits, mask_feats
 
     def cate_input(self, feat: torch.Tensor, s: int) -> torch.Tensor:

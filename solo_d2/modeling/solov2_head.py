@@ -135,7 +135,7 @@ class SOLOv2Head(BaseSOLOHead):
             raise ValueError(
                 f"SOLO head got {len(features)} feature maps for {len(self.num_grids)} grids"
             )
-        unified = self.mask_feature(features)
+        unified = self.mask_feature(features).contiguous()
         cate_logits, kernels = super().forward(features)
         return cate_logits, [(k, unified) for k in kernels]
 
