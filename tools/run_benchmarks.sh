@@ -12,20 +12,21 @@ PY=${PY:-.venv/bin/python}
 T=${THREADS:-1}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=$T
+# Interleaved comparisons (robust ratios on a loaded machine): bfloat16, SOLOv2, Mask R-CNN
+$PY tools/interleaved_latency.py --variants SOLO:float32 SOLO:bfloat16 SOLOv2:float32 MaskRCNN:float32 --runs 5 --threads $T --masks objects | tee "$OUT/interleaved_800.txt"
+$PY tools/interleaved_latency.py --variants SOLO:float32 SOLO:bfloat16 --size 512 852 --runs 5 --threads $T --masks objects | tee "$OUT/interleaved_512.txt"
 # Inference per stage, float32 and bfloat16 (MODEL.SOLO.INFERENCE_DTYPE), 500 forced candidates
-$PY tools/benchmark.py latency --dtype float32 bfloat16 --runs 5 --threads $T --json "$OUT/latency.json" | tee "$OUT/latency.txt"
+# with object-like masks
+$PY tools/benchmark.py latency --dtype float32 bfloat16 --masks objects --runs 5 --threads $T --json "$OUT/latency.json" | tee "$OUT/latency.txt"
 $PY tools/paste_time.py --masks 100 --runs 5 --threads $T | tee "$OUT/paste_time.txt"
-# Interleaved comparisons (robust ratios on a loaded machine): bfloat16, Mask R-CNN
-$PY tools/interleaved_latency.py --variants SOLO:float32 SOLO:bfloat16 MaskRCNN:float32 --runs 5 --threads $T | tee "$OUT/interleaved_800.txt"
-$PY tools/interleaved_latency.py --variants SOLO:float32 SOLO:bfloat16 --size 512 852 --runs 5 --threads $T | tee "$OUT/interleaved_512.txt"
-# Inference with object-like candidate masks (the postprocess share)
-$PY tools/benchmark.py latency --models SOLO --masks objects --runs 5 --threads $T --json "$OUT/latency_objects.json" | tee "$OUT/latency_objects.txt"
+$PY tools/profile_postprocess.py --model SOLO --threads $T | tee "$OUT/profile_postprocess.txt"
 # Inference against input size and number of candidates
 $PY tools/benchmark.py scaling --models SOLO --masks objects --runs 5 --threads $T --json "$OUT/scaling.json" | tee "$OUT/scaling.txt"
-# The head's layout
+# The head's layout (the head alone, then whole inferences)
 $PY tools/head_layout.py --model SOLO --runs 3 --threads $T | tee "$OUT/head_layout.txt"
+$PY tools/head_layout.py --model SOLO --runs 5 --threads $T --pipeline | tee "$OUT/head_layout_pipeline.txt"
 # Training steps, target generation
-$PY tools/benchmark.py train --models SOLO_S2 SOLO DecoupledSOLO DecoupledSOLO_Light SOLOv2 MaskRCNN --runs 5 --threads $T --json "$OUT/train.json" | tee "$OUT/train.txt"
+$PY tools/benchmark.py train --models SOLO_S2 SOLO DecoupledSOLO DecoupledSOLO_Light SOLOv2 SOLOv2_Light MaskRCNN --runs 5 --threads $T --json "$OUT/train.json" | tee "$OUT/train.txt"
 $PY tools/benchmark.py targets --runs 3 --threads $T --json "$OUT/targets.json" | tee "$OUT/targets.txt"
 # FLOPs and parameters
 for c in SOLO_R50_1x DecoupledSOLO_R50_1x SOLOv2_R50_1x; do
