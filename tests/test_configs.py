@@ -209,3 +209,21 @@ def test_solov2_r101_dcn_model_has_dcn_v2_where_the_reference_has():
     assert head.mask_feature.pred.kernel_size == 1 and head.mask_feature.pred.conv_offset.out_channels == 3
     # deformable layers start with zero offsets
     assert all(not m.conv_offset.weight.any() for m in model.modules() if isinstance(m, DeformConv))
+
+
+def test_small_data_config_crops_and_jitters_in_the_training_mapper():
+    # The small-data recipe is Detectron2's own augmentation: the training mapper crops first
+    # (a relative window of 50-100% per side), then resizes to one of five short sides.
+    from detectron2.data import transforms as T
+
+    from solo_d2.data.mapper import FileNamingDatasetMapper
+
+    cfg = _load("configs/Shapes/DecoupledSOLO_R18_small_data.yaml")
+    augs = FileNamingDatasetMapper(cfg, True).augmentations.augs
+    assert isinstance(augs[0], T.RandomCrop)
+    assert (augs[0].crop_type, tuple(augs[0].crop_size)) == ("relative_range", (0.5, 0.5))
+    resize = next(a for a in augs if isinstance(a, T.ResizeShortestEdge))
+    assert tuple(resize.short_edge_length) == (192, 224, 256, 288, 320) and resize.max_size == 320
+    assert resize.is_range is False
+    test_augs = FileNamingDatasetMapper(cfg, False).augmentations.augs
+    assert not any(isinstance(a, T.RandomCrop) for a in test_augs)

@@ -230,6 +230,25 @@ def test_cli(tmp_path, capsys):
     assert str(tmp_path / "cli.json") in capsys.readouterr().out
 
 
+def test_cli_max_occlusion_is_passed_to_the_generator(tmp_path):
+    # The tool's json equals the library's for the same max_occlusion, and differs from the
+    # default's (more overlap allowed: other placements are kept).
+    args = ["--num-images", "6", "--image-size", "96", "96", "--seed", "3", "--max-objects", "12",
+            "--min-size", "40", "--max-size", "90", "--empty-prob", "0", "--no-progress"]
+    tool = _generate_shapes_tool()
+    assert tool.main(["--output", str(tmp_path / "cli"), "--max-occlusion", "0.9"] + args) == 0
+    assert tool.main(["--output", str(tmp_path / "cli_default")] + args) == 0
+    lib = generate_shapes_dataset(tmp_path / "lib", "train", 6, image_size=(96, 96), seed=3,
+                                  progress=False, max_objects=12, min_size=40, max_size=90,
+                                  empty_prob=0, max_occlusion=0.9)
+    cli = json.loads(_read_bytes(tmp_path / "cli" / "train.json"))
+    assert cli == json.loads(_read_bytes(lib))
+    assert cli != json.loads(_read_bytes(tmp_path / "cli_default" / "train.json"))
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--output", str(tmp_path / "bad"), "--max-occlusion", "1.5"] + args)
+    assert exc.value.code == 2
+
+
 def test_cli_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         _generate_shapes_tool().main(["--output", str(tmp_path), "--num-images", "-2", "--no-progress"])

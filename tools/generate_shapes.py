@@ -28,13 +28,17 @@ def main(argv=None):
     parser.add_argument("--min-size", type=float, default=12.0)
     parser.add_argument("--max-size", type=float, default=200.0)
     parser.add_argument("--empty-prob", type=float, default=0.05)
+    parser.add_argument("--max-occlusion", type=float, default=0.5,
+                        help="at most this fraction of an object may be hidden by later objects "
+                             "(default: 0.5; higher gives more overlapping objects)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     try:
         path = generate_shapes_dataset(
             args.output, args.split, args.num_images, image_size=tuple(args.image_size),
             seed=args.seed, progress=not args.no_progress, max_objects=args.max_objects,
-            min_size=args.min_size, max_size=args.max_size, empty_prob=args.empty_prob)
+            min_size=args.min_size, max_size=args.max_size, empty_prob=args.empty_prob,
+            max_occlusion=args.max_occlusion)
     except ValueError as e:
         parser.error(str(e))  # exits with status 2 and a one-line message
     print(path)
