@@ -220,3 +220,25 @@ def test_every_head_selects_the_same_cells():
         selected[head_type] = calls
     assert all(selected[h] == selected["SOLOHead"] for h in HEADS)
     assert sum(len(c[2]) for c in selected["SOLOHead"]) > 0
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_channels_last_head_equals_the_standard_layout(head):
+    # MODEL.SOLO.CHANNELS_LAST runs the backbone and the head's convolutions channels-last; the
+    # head still returns standard-layout tensors, equal to the standard layout's up to rounding.
+    torch.manual_seed(0)
+    cl = build_model(tiny_cfg(head, **{"MODEL.SOLO.CHANNELS_LAST": "True"})).eval()
+    std = build_model(tiny_cfg(head, **{"MODEL.SOLO.CHANNELS_LAST": "False"})).eval()
+    std.load_state_dict(cl.state_dict())
+    assert cl.head.cate_pred.weight.is_contiguous(memory_format=torch.channels_last)
+    assert std.head.cate_pred.weight.is_contiguous()
+    outputs = []
+    with torch.no_grad():
+        for m in (cl, std):
+            images = m.preprocess_image([{"image": _image(96, 128)}])
+            feats = m.run_backbone(images.tensor)
+            cate, mask_feats = m.head([feats[f] for f in m.in_features])
+            outputs.append(list(cate) + [t for f in mask_feats for t in m.head.mask_feat_tensors(f)])
+    for a, b in zip(*outputs):
+        assert a.is_contiguous() and a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
