@@ -126,6 +126,22 @@ def test_suggestion_explains_a_finer_grid_for_small_objects():
     assert any("level 0: grid 2 -> 46" in r for r in sug.reasons)
 
 
+def test_suggestion_states_the_cost_of_a_grid_finer_than_its_feature():
+    # Level 0 reads the stride-8 feature: 32 pixels across the 256 px canvas. Grid 46 is finer
+    # and has (46 / 2)**2 = 529 times the cells of grid 2; the note precedes the result line.
+    dicts, cfg = cause3_case()
+    sug = suggest_grids(cfg, object_geometry(dicts))
+    notes = [r for r in sug.reasons if r.startswith("cost:")]
+    assert len(notes) == 1 and "level 0's grid 46" in notes[0] and "32 stride-8 pixels" in notes[0]
+    assert "529x the cells of grid 2" in notes[0] and "result" in sug.reasons[-1]
+    # Grids of 8 grown for two colliding objects to [22, 13, 8, 8, 8]: within the features'
+    # pixels across the canvas ([32, 32, 16, 8, 8]), so no note.
+    dicts, cfg = cause2_case()
+    sug = suggest_grids(cfg, object_geometry(dicts))
+    assert sug.num_grids == [22, 13, 8, 8, 8]
+    assert not any(r.startswith("cost:") for r in sug.reasons)
+
+
 # ---- datasets without objects, crowd only, mixed sizes -------------------------------------------
 def test_dataset_without_objects():
     dicts = [image([]), image([], i=1)]

@@ -18,6 +18,10 @@ The rules, in order:
    instead (objects grow with the input, the cap with the canvas).
 4. **Collisions** (cause 2), then cause 3 again: while causes 1 + 2 lose >= 1% or cause 3 > 2%,
    the level losing most objects gets a 25% larger grid (or, at its cap, the input grows 25%).
+
+Where a grid ends finer than its level's category feature, a ``cost:`` line says so before the
+result: such a grid trains slower, and whether the objects it keeps are worth that depends on
+how many they are (measured in BENCHMARKS.md, "Fit SOLO to your data").
 """
 import math
 import os
@@ -188,12 +192,34 @@ def suggest_grids(cfg, geometry: ObjectGeometry, size_divisibility: int = 32, ma
     cov = cover(grids, ranges, factor)
     if not reasons:
         reasons.append("the config already keeps the objects: nothing changed")
+    reasons += _finer_than_feature_notes(grids, [int(s) for s in sc.NUM_GRIDS], strides, cov.canvas_max)
     reasons.append(
         f"result: lost by cause 1 {cov.pct(cov.cause1):.2f}%, cause 2 {cov.pct(cov.cause2):.2f}%, "
         f"cause 3 {cov.pct(cov.cause3):.2f}% (config: {before.pct(before.cause1):.2f}%, "
         f"{before.pct(before.cause2):.2f}%, {before.pct(before.cause3):.2f}%)"
     )
     return _result(cfg, grids, ranges, factor, reasons, cov, before)
+
+
+def _finer_than_feature_notes(grids, config_grids, strides, canvas) -> List[str]:
+    """The cost of the grids that rule 3 lets exceed their level's category feature.
+
+    A grid of more cells than the level's feature has pixels across the canvas reads
+    interpolations of one feature pixel in neighbouring cells, and the category loss covers
+    ``(S / S_config)**2`` times the cells, nearly all negatives: it trains slower. Whether the
+    objects kept are worth it depends on how many they are (BENCHMARKS.md, "Fit SOLO to your
+    data": 18% of the objects kept won at equal time, 6% did not).
+    """
+    notes = []
+    for lv, (s, s0) in enumerate(zip(grids, config_grids)):
+        pixels = canvas // strides[lv]
+        if s > s0 and s > pixels:
+            notes.append(
+                f"cost: level {lv}'s grid {s} is finer than its category feature ({pixels} stride-{strides[lv]} pixels "
+                f"across the {canvas} px canvas) and has {(s / s0) ** 2:.0f}x the cells of grid {s0}: it trains slower; "
+                "worth it when it keeps many objects (compare both configs at equal training time)"
+            )
+    return notes
 
 
 def _result(cfg, grids, ranges, factor, reasons, cov, before) -> GridSuggestion:
