@@ -207,8 +207,8 @@ def _finer_than_feature_notes(grids, config_grids, strides, canvas) -> List[str]
     A grid of more cells than the level's feature has pixels across the canvas reads
     interpolations of one feature pixel in neighbouring cells, and the category loss covers
     ``(S / S_config)**2`` times the cells, nearly all negatives: it trains slower. Whether the
-    objects kept are worth it depends on how many they are (BENCHMARKS.md, "Fit SOLO to your
-    data": 18% of the objects kept won at equal time, 6% did not).
+    objects kept are worth it depends on how many they are (measured in BENCHMARKS.md, "Fit SOLO
+    to your data").
     """
     notes = []
     for lv, (s, s0) in enumerate(zip(grids, config_grids)):
