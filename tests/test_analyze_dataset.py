@@ -70,6 +70,14 @@ def cause3_case():
     return [image([square(20, 20, 8)])], cfg256(**CAUSE3)
 
 
+def cause2_large_case():
+    # Two 400 px squares 16 px apart in a 512 px image trained at 512 px: scale 400 is on
+    # level 4 only (192-2048), whose grid of 8 (64 px cells) gives both the same cells; the
+    # later one wins them all.
+    cfg = cfg256(INPUT__MIN_SIZE_TRAIN="(512,)", INPUT__MAX_SIZE_TRAIN="512")
+    return [image([square(40, 40, 400), square(56, 56, 400)], h=512, w=512)], cfg
+
+
 def test_cause1_scale_in_no_range_is_counted():
     dicts, cfg = cause1_case()
     cov = coverage(dicts, cfg)
@@ -97,7 +105,7 @@ def test_cause3_tiny_object_in_a_huge_cell():
     assert_counts(coverage(dicts, cfg256()), 1, 0, 0, 0)
 
 
-@pytest.mark.parametrize("case", [cause1_case, cause2_case, cause3_case])
+@pytest.mark.parametrize("case", [cause1_case, cause2_case, cause2_large_case, cause3_case])
 def test_suggestion_keeps_every_object(case, tmp_path):
     dicts, cfg = case()
     sug = suggest_grids(cfg, object_geometry(dicts))
@@ -124,6 +132,21 @@ def test_suggestion_explains_a_finer_grid_for_small_objects():
     # An 8 px object needs cells of at most 8 / sqrt(2) px: ceil(sqrt(2) * 256 / 8) = 46.
     assert sug.num_grids[0] == 46
     assert any("level 0: grid 2 -> 46" in r for r in sug.reasons)
+
+
+def test_suggestion_puts_colliding_objects_on_a_finer_level_before_growing_grids():
+    dicts, cfg = cause2_large_case()
+    assert_counts(coverage(dicts, cfg), 1, 0, 1, 0)
+    sug = suggest_grids(cfg, object_geometry(dicts))
+    # Level 3 (grid 10, 51.2 px cells, range 96-384) also takes the 400 px objects: their
+    # centres, 16 px apart, fall in different cells there. The grids stay as they are.
+    assert sug.num_grids == [24, 20, 14, 10, 8]
+    assert sug.scale_ranges == [(1, 48), (24, 96), (48, 192), (96, 400), (192, 2048)]
+    assert sug.coverage.on_level == [0, 0, 0, 2, 2] and sug.coverage.cause2_level == [0, 0, 0, 0, 1]
+    assert sug.reasons[0] == (
+        "level 3 range ends at 400 (was 384): 1 objects of 400-400 px lost to cells taken by later objects "
+        "on level 4 (cause 2) are also put on level 3, whose 51.2 px cells tell them apart; this adds no grid cells"
+    )
 
 
 def test_suggestion_states_the_cost_of_a_grid_finer_than_its_feature():

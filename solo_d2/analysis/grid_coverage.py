@@ -240,6 +240,8 @@ class GridCoverage:
     cells_level: List[int]
     scales: np.ndarray = field(repr=False)
     canvas_max: int = 0
+    #: Scales (input px) of the objects lost by cause 2, one per such object.
+    cause2_scales: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def pct(self, n: int) -> float:
         return 100.0 * n / self.num_objects if self.num_objects else 0.0
@@ -296,7 +298,8 @@ class GridCoverage:
             (self.cause1, "their scale (sqrt of box area after the train resize) is in no level's "
              "MODEL.SOLO.SCALE_RANGES: widen the first / last range"),
             (self.cause2, "another object of the same image claims every cell they would be "
-             "positive on (the later one wins): use larger MODEL.SOLO.NUM_GRIDS or a larger input"),
+             "positive on (the later one wins): put them on a finer level too (raise its "
+             "MODEL.SOLO.SCALE_RANGES end), or use larger MODEL.SOLO.NUM_GRIDS or a larger input"),
             (self.cause3, "their level's cell is so large that the category branch samples the "
              "background beside them: use larger MODEL.SOLO.NUM_GRIDS or a larger input"),
         )
@@ -390,7 +393,7 @@ def grid_coverage(
     a = geometry.num_objects
     counts = dict(assigned=0, cause1=0, cause2=0, cause3=0)
     on_l, pos_l, c2_l, c3_l, cells_l = ([0] * num_levels for _ in range(5))
-    scales_all, canvas_max = [], 0
+    scales_all, lost2_all, canvas_max = [], [], 0
     img = torch.from_numpy(geometry.img)
     for size in sizes:
         # The mapper's resize (ResizeShortestEdge's rounding), per image.
@@ -443,6 +446,7 @@ def grid_coverage(
             cells_l[lv] += int(owned.sum())
         counts["cause1"] += int((~on_any).sum())
         counts["cause2"] += int((on_any & ~pos_any).sum())
+        lost2_all.append(obj_scale[on_any & ~pos_any].numpy())
         counts["cause3"] += int((pos_any & ~hit_any).sum())
         counts["assigned"] += int((pos_any & hit_any).sum())
     return GridCoverage(
@@ -460,6 +464,7 @@ def grid_coverage(
         cells_level=cells_l,
         scales=np.concatenate(scales_all) if scales_all else np.zeros(0),
         canvas_max=canvas_max,
+        cause2_scales=np.concatenate(lost2_all) if lost2_all else np.zeros(0),
         **counts,
     )
 

@@ -16,7 +16,11 @@ The rules, in order:
 3. **Cap**: a cell is never smaller than half a pixel of the level's category feature
    (``S_l <= 2 * canvas / stride_l``); where rule 2 needs more, the input size is scaled up
    instead (objects grow with the input, the cap with the canvas).
-4. **Collisions** (cause 2), then cause 3 again: while causes 1 + 2 lose >= 1% or cause 3 > 2%,
+4. **Collisions** (cause 2), then cause 3 again: while causes 1 + 2 lose >= 1% or cause 3 > 2%:
+   first, while cause 2 loses >= 1%, the objects it loses are also put on the next finer level
+   (that level's range end is raised to their largest scale; :func:`_put_on_finer_level`): a
+   finer level tells apart the objects whose centres share a cell of a coarser one without
+   adding grid cells, which cost training time (BENCHMARKS.md, "Fit SOLO to your data"). Then
    the level losing most objects gets a 25% larger grid (or, at its cap, the input grows 25%).
 
 Where a grid ends finer than its level's category feature, a ``cost:`` line says so before the
@@ -175,6 +179,8 @@ def suggest_grids(cfg, geometry: ObjectGeometry, size_divisibility: int = 32, ma
         if cov.cause1 and cov.pct(cov.cause1) >= MAX_NEVER_POSITIVE_PCT:
             widen(cov)
             continue
+        if cov.pct(cov.cause2) >= MAX_NEVER_POSITIVE_PCT and _put_on_finer_level(cov, grids, ranges, reasons):
+            continue
         if grids[lv] < cap:
             new = min(cap, math.ceil(grids[lv] * 1.25))
             reasons.append(
@@ -199,6 +205,40 @@ def suggest_grids(cfg, geometry: ObjectGeometry, size_divisibility: int = 32, ma
         f"{before.pct(before.cause2):.2f}%, {before.pct(before.cause3):.2f}%)"
     )
     return _result(cfg, grids, ranges, factor, reasons, cov, before)
+
+
+def _put_on_finer_level(cov: GridCoverage, grids, ranges, reasons) -> bool:
+    """Rule 4's first resort against cause 2: also put the lost objects on the next finer level.
+
+    Each object lost by cause 2 has a finest level ``f`` among those it is on; the ``f`` holding
+    most of them (``f > 0``) gets its finer neighbour ``f - 1`` to take them too, by raising that
+    level's range end to the largest of their scales. Level ``f - 1`` has more, smaller cells
+    (stride and grid are finer), so objects whose centres share a cell of level ``f`` fall in
+    different cells there. Unlike a larger grid this adds no category cells (the category loss
+    and the head stay as they are); it adds positive cells per object. Returns False (ranges
+    unchanged) when every lost object is already on level 0.
+    """
+    lost = cov.cause2_scales
+    finest = np.full(lost.shape, -1)
+    for lv in reversed(range(len(ranges))):
+        lo, hi = ranges[lv]
+        finest[(lost >= lo) & (lost <= hi)] = lv
+    counts = np.bincount(finest[finest > 0], minlength=len(ranges))
+    if counts.sum() == 0:
+        return False
+    f = int(np.argmax(counts))
+    these = lost[finest == f]
+    new_hi = float(math.ceil(these.max()))
+    old_hi = ranges[f - 1][1]
+    ranges[f - 1][1] = new_hi
+    reasons.append(
+        f"level {f - 1} range ends at {_num(new_hi)} (was {_num(old_hi)}): {counts[f]} objects of "
+        f"{these.min():.0f}-{these.max():.0f} px lost to cells taken by later objects on level {f}"
+        + (" and the coarser ones" if f < len(ranges) - 1 else "")
+        + f" (cause 2) are also put on level {f - 1}, whose {cov.canvas_max / grids[f - 1]:.1f} px cells tell them "
+        "apart; this adds no grid cells"
+    )
+    return True
 
 
 def _finer_than_feature_notes(grids, config_grids, strides, canvas) -> List[str]:
