@@ -216,18 +216,22 @@ def _put_on_finer_level(cov: GridCoverage, grids, ranges, reasons) -> bool:
     (stride and grid are finer), so objects whose centres share a cell of level ``f`` fall in
     different cells there. Unlike a larger grid this adds no category cells (the category loss
     and the head stay as they are); it adds positive cells per object. Returns False (ranges
-    unchanged) when every lost object is already on level 0.
+    unchanged) when no lost object can be moved: all are on level 0 already, or below the start
+    of the finer level's range.
     """
     lost = cov.cause2_scales
     finest = np.full(lost.shape, -1)
     for lv in reversed(range(len(ranges))):
         lo, hi = ranges[lv]
         finest[(lost >= lo) & (lost <= hi)] = lv
-    counts = np.bincount(finest[finest > 0], minlength=len(ranges))
+    # Only objects that level f - 1 can take by raising its range end (not below its start).
+    lower_start = np.array([lo for lo, _ in ranges] + [0.0])[finest - 1]
+    movable = (finest > 0) & (lost >= lower_start)
+    counts = np.bincount(finest[movable], minlength=len(ranges))
     if counts.sum() == 0:
         return False
     f = int(np.argmax(counts))
-    these = lost[finest == f]
+    these = lost[movable & (finest == f)]
     new_hi = float(math.ceil(these.max()))
     old_hi = ranges[f - 1][1]
     ranges[f - 1][1] = new_hi
