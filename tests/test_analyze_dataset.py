@@ -90,7 +90,7 @@ def test_cause2_two_objects_on_one_cell_the_first_loses():
     cov = coverage(dicts, cfg)
     assert_counts(cov, 1, 0, 1, 0)
     assert cov.on_level[:2] == [2, 2] and cov.pos_level[:2] == [1, 1]
-    assert cov.cause2_level[:2] == [1, 1]
+    assert cov.cause2_level[:2] == [1, 1] and cov.cause2_scales.tolist() == [30.0]
     # The same two objects in the other order: still one lost (the earlier one).
     dicts[0]["annotations"].reverse()
     assert_counts(coverage(dicts, cfg), 1, 0, 1, 0)
