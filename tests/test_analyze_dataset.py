@@ -241,13 +241,23 @@ def test_analyze_dataset_tool_prints_the_table_and_writes_a_config(tmp_path, cap
     out_cfg = tmp_path / "suggested.yaml"
     tool.main(["--config-file", str(REPO / SHAPES), "--json", str(root / "train.json"), "--suggest",
                "--write-config", str(out_cfg), "--output", str(tmp_path / "out"),
-               "MODEL.SOLO.NUM_GRIDS", "[2, 20, 14, 10, 8]"])
+               "MODEL.SOLO.NUM_GRIDS", "[2, 20, 14, 10, 8]", "MODEL.SOLO.CATE_ALIGN", "adaptive_pool",
+               "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MIN_SIZE_TEST", "320"])
     text = capsys.readouterr().out
     assert "(3) cell too large for the object 1 (100.0%)" in text
     assert "level 0: grid 2 -> 46" in text
     assert (tmp_path / "out" / "scales.png").is_file()
     written = yaml.safe_load(out_cfg.read_text())
     assert written["MODEL"]["SOLO"]["NUM_GRIDS"][0] == 46
+    # The options the analysis was given travel with the suggestion, so that training sees the
+    # config (and the input sizes) the analysis saw; the suggestion's own keys win.
+    assert written["MODEL"]["SOLO"]["CATE_ALIGN"] == "adaptive_pool"
+    assert written["INPUT"]["MIN_SIZE_TRAIN"] == [256] and written["INPUT"]["MIN_SIZE_TEST"] == 320
+    args = type("Args", (), dict(config_file=str(out_cfg), opts=["OUTPUT_DIR", str(tmp_path / "o")],
+                                 eval_only=False, resume=False))()
+    loaded = setup_cfg(args)
+    assert loaded.MODEL.SOLO.CATE_ALIGN == "adaptive_pool" and tuple(loaded.INPUT.MIN_SIZE_TRAIN) == (256,)
+    assert loaded.MODEL.SOLO.NUM_GRIDS[0] == 46 and loaded.INPUT.MIN_SIZE_TEST == 320
 
 
 @pytest.mark.slow

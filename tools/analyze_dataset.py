@@ -12,7 +12,8 @@ by later objects, (3) cells too large for the object (solo_d2/analysis/grid_cove
 each), positive cells per object; writes a histogram of the object scales with the levels'
 ranges (``--output``/scales.png). ``--suggest`` prints grid numbers, scale ranges and (where it
 helps) an input size that keep the objects, with the reason for each; ``--write-config FILE``
-writes them as a ``_BASE_`` config of CONFIG for train_net.py. The dataset is ``--json`` (a COCO
+writes them as a ``_BASE_`` config of CONFIG for train_net.py, with the input sizes the analysis
+used and the ``KEY VALUE`` options given here. The dataset is ``--json`` (a COCO
 json; images are not read) or ``--dataset`` (a registered Detectron2 dataset, e.g. shapes_train);
 default: the config's DATASETS.TRAIN.
 """
@@ -85,7 +86,7 @@ def main(argv=None):
         print("as options:", " ".join(f"'{o}'" if " " in o else o for o in sug.opts))
         if args.write_config:
             Path(args.write_config).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.write_config).write_text(sug.yaml(args.config_file, args.write_config))
+            Path(args.write_config).write_text(sug.yaml(args.config_file, args.write_config, args.opts))
             print(f"wrote {args.write_config}: python train_net.py --config-file {args.write_config} ...")
     return 0
 

@@ -27,12 +27,14 @@ Where a grid ends finer than its level's category feature, a ``cost:`` line says
 result: such a grid trains slower, and whether the objects it keeps are worth that depends on
 how many they are (measured in BENCHMARKS.md, "Fit SOLO to your data").
 """
+import ast
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
+import yaml
 
 from .grid_coverage import GridCoverage, ObjectGeometry, grid_coverage, level_strides, train_sizes
 
@@ -62,27 +64,53 @@ class GridSuggestion:
     changed_input: bool = False
     opts: List[str] = field(default_factory=list)
 
-    def yaml(self, base_config: str, out_path: str) -> str:
-        """A config whose ``_BASE_`` is ``base_config`` (relative to ``out_path``'s folder)."""
+    def yaml(self, base_config: str, out_path: str, opts: Sequence[str] = ()) -> str:
+        """A config whose ``_BASE_`` is ``base_config`` (relative to ``out_path``'s folder).
+
+        It holds the suggested grids and ranges, the input sizes the analysis used (always: the
+        ranges fit objects at those sizes) and ``opts``, the ``KEY VALUE`` options the analysis
+        was given on top of ``base_config`` (values parsed as Detectron2 parses them), so that
+        training with it sees the config the analysis saw.
+        """
         base = os.path.relpath(os.path.abspath(base_config), os.path.dirname(os.path.abspath(out_path)))
-        lines = [
-            "# Written by tools/analyze_dataset.py --suggest. Why each number:",
-            *(f"#   {r}" for r in self.reasons),
-            f'_BASE_: "{base}"',
-            "MODEL:",
-            "  SOLO:",
-            f"    NUM_GRIDS: {self.num_grids}",
-            "    SCALE_RANGES: [" + ", ".join(f"[{_num(lo)}, {_num(hi)}]" for lo, hi in self.scale_ranges) + "]",
-        ]
-        if self.changed_input:
-            lines += [
-                "INPUT:",
-                f"  MIN_SIZE_TRAIN: ({', '.join(str(s) for s in self.min_size_train)},)",
-                f"  MAX_SIZE_TRAIN: {self.max_size_train}",
-                f"  MIN_SIZE_TEST: {self.min_size_test}",
-                f"  MAX_SIZE_TEST: {self.max_size_test}",
-            ]
-        return "\n".join(lines) + "\n"
+        tree: dict = {"_BASE_": base}
+        if len(opts) % 2:
+            raise ValueError(f"options must be KEY VALUE pairs, got an odd number: {list(opts)}")
+        for key, value in zip(opts[0::2], opts[1::2]):
+            _put(tree, key, _plain(_parse(value)))
+        _put(tree, "MODEL.SOLO.NUM_GRIDS", list(self.num_grids))
+        _put(tree, "MODEL.SOLO.SCALE_RANGES", [[_num(lo), _num(hi)] for lo, hi in self.scale_ranges])
+        _put(tree, "INPUT.MIN_SIZE_TRAIN", list(self.min_size_train))
+        _put(tree, "INPUT.MAX_SIZE_TRAIN", self.max_size_train)
+        _put(tree, "INPUT.MIN_SIZE_TEST", self.min_size_test)
+        _put(tree, "INPUT.MAX_SIZE_TEST", self.max_size_test)
+        head = ["# Written by tools/analyze_dataset.py --suggest. Why each number:", *(f"#   {r}" for r in self.reasons)]
+        return "\n".join(head) + "\n" + yaml.safe_dump(tree, default_flow_style=None, sort_keys=False, width=1000)
+
+
+def _put(tree: dict, key: str, value) -> None:
+    """Set ``tree[A][B][C] = value`` for ``key = "A.B.C"``."""
+    *path, last = key.split(".")
+    for part in path:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
+
+
+def _parse(value):
+    """A command-line option value as Detectron2's config parses it (a Python literal, else a string)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _plain(value):
+    """Tuples as lists (YAML's safe dumper writes lists, the config reads them back as tuples)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _num(v):
