@@ -253,9 +253,8 @@ def test_analyze_dataset_tool_prints_the_table_and_writes_a_config(tmp_path, cap
     # config (and the input sizes) the analysis saw; the suggestion's own keys win.
     assert written["MODEL"]["SOLO"]["CATE_ALIGN"] == "adaptive_pool"
     assert written["INPUT"]["MIN_SIZE_TRAIN"] == [256] and written["INPUT"]["MIN_SIZE_TEST"] == 320
-    args = type("Args", (), dict(config_file=str(out_cfg), opts=["OUTPUT_DIR", str(tmp_path / "o")],
-                                 eval_only=False, resume=False))()
-    loaded = setup_cfg(args)
+    # (Loaded without train_net's logging set-up: its handlers would keep capsys's closed stream.)
+    loaded = solo_test_cfg(str(out_cfg))
     assert loaded.MODEL.SOLO.CATE_ALIGN == "adaptive_pool" and tuple(loaded.INPUT.MIN_SIZE_TRAIN) == (256,)
     assert loaded.MODEL.SOLO.NUM_GRIDS[0] == 46 and loaded.INPUT.MIN_SIZE_TEST == 320
 
