@@ -23,7 +23,9 @@ masks at the image size) against ``demo/onnx_demo.py``'s ``ONNXSOLO(image)`` (sa
 OpenCV) and the same with OpenVINO; medians of ``--latency`` runs after one warm-up, the runtimes
 taking turns.
 """
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -178,7 +180,9 @@ def main():
         model.postprocess.score_thresh = thresh
         print(f"random weights (--seed {args.seed}): SCORE_THRESH_TEST set to {thresh:.6f} ({args.candidates} candidates on image 0)")
 
+    # The exported model and the evaluators' files are scratch: removed however the tool exits.
     tmp = tempfile.mkdtemp(prefix="solo_deploy_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     onnx_path = os.path.join(tmp, "model.onnx")
     t = time.perf_counter()
     ep = export_torch(wrapper, first)
