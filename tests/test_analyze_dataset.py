@@ -124,6 +124,35 @@ def test_suggestion_keeps_every_object(case, tmp_path):
     assert list(loaded.MODEL.SOLO.NUM_GRIDS) == sug.num_grids
     assert [tuple(r) for r in loaded.MODEL.SOLO.SCALE_RANGES] == [tuple(r) for r in sug.scale_ranges]
     assert_counts(coverage(dicts, loaded), cov.num_objects, 0, 0, 0)
+    # The printed "as options" give the same settings on top of the analysed config.
+    merged = cfg.clone()
+    merged.merge_from_list(sug.opts)
+    for key in ("MODEL.SOLO.NUM_GRIDS", "MODEL.SOLO.SCALE_RANGES", "INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN",
+                "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST"):
+        a, b = merged, loaded
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        assert str(a) == str(b), key
+
+
+def test_suggestion_that_scales_the_input_writes_the_same_sizes_as_its_options(tmp_path):
+    # A 2 px object: level 0's grid reaches its cap (half a stride-8 pixel), so the input grows
+    # x2.1875 (256 -> 576 px, rounded to 32) and grid 140 keeps it.
+    cfg = cfg256()
+    sug = suggest_grids(cfg, object_geometry([image([square(100, 100, 2)])]))
+    assert sug.changed_input and sug.num_grids == [140, 20, 14, 10, 8]
+    assert sug.opts[4:] == ["INPUT.MIN_SIZE_TRAIN", "(576,)", "INPUT.MAX_SIZE_TRAIN", "576",
+                            "INPUT.MIN_SIZE_TEST", "576", "INPUT.MAX_SIZE_TEST", "576"]
+    base = tmp_path / "base.yaml"
+    base.write_text(cfg.dump())
+    out = tmp_path / "suggested.yaml"
+    out.write_text(sug.yaml(str(base), str(out)))
+    loaded = solo_test_cfg(str(out))
+    merged = cfg.clone()
+    merged.merge_from_list(sug.opts)
+    assert tuple(loaded.INPUT.MIN_SIZE_TRAIN) == tuple(merged.INPUT.MIN_SIZE_TRAIN) == (576,)
+    assert loaded.INPUT.MAX_SIZE_TEST == merged.INPUT.MAX_SIZE_TEST == 576
+    assert list(loaded.MODEL.SOLO.NUM_GRIDS) == list(merged.MODEL.SOLO.NUM_GRIDS) == [140, 20, 14, 10, 8]
 
 
 def test_suggestion_explains_a_finer_grid_for_small_objects():

@@ -30,7 +30,7 @@ how many they are (measured in BENCHMARKS.md, "Fit SOLO to your data").
 import ast
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -62,7 +62,31 @@ class GridSuggestion:
     coverage: GridCoverage
     before: GridCoverage
     changed_input: bool = False
-    opts: List[str] = field(default_factory=list)
+
+    def settings(self, input_sizes: bool = True) -> List[Tuple[str, object]]:
+        """The suggested ``(config key, value)`` pairs: grids and ranges, then (if ``input_sizes``)
+        the input sizes."""
+        pairs: List[Tuple[str, object]] = [
+            ("MODEL.SOLO.NUM_GRIDS", list(self.num_grids)),
+            ("MODEL.SOLO.SCALE_RANGES", [[_num(lo), _num(hi)] for lo, hi in self.scale_ranges]),
+        ]
+        if input_sizes:
+            pairs += [
+                ("INPUT.MIN_SIZE_TRAIN", list(self.min_size_train)),
+                ("INPUT.MAX_SIZE_TRAIN", self.max_size_train),
+                ("INPUT.MIN_SIZE_TEST", self.min_size_test),
+                ("INPUT.MAX_SIZE_TEST", self.max_size_test),
+            ]
+        return pairs
+
+    @property
+    def opts(self) -> List[str]:
+        """The changes as ``KEY VALUE`` command-line options: grids and ranges, and the input sizes
+        if the suggestion changed them."""
+        out: List[str] = []
+        for key, value in self.settings(input_sizes=self.changed_input):
+            out += [key, f"({', '.join(map(str, value))},)" if key == "INPUT.MIN_SIZE_TRAIN" else str(value)]
+        return out
 
     def yaml(self, base_config: str, out_path: str, opts: Sequence[str] = ()) -> str:
         """A config whose ``_BASE_`` is ``base_config`` (relative to ``out_path``'s folder).
@@ -78,12 +102,8 @@ class GridSuggestion:
             raise ValueError(f"options must be KEY VALUE pairs, got an odd number: {list(opts)}")
         for key, value in zip(opts[0::2], opts[1::2]):
             _put(tree, key, _plain(_parse(value)))
-        _put(tree, "MODEL.SOLO.NUM_GRIDS", list(self.num_grids))
-        _put(tree, "MODEL.SOLO.SCALE_RANGES", [[_num(lo), _num(hi)] for lo, hi in self.scale_ranges])
-        _put(tree, "INPUT.MIN_SIZE_TRAIN", list(self.min_size_train))
-        _put(tree, "INPUT.MAX_SIZE_TRAIN", self.max_size_train)
-        _put(tree, "INPUT.MIN_SIZE_TEST", self.min_size_test)
-        _put(tree, "INPUT.MAX_SIZE_TEST", self.max_size_test)
+        for key, value in self.settings(input_sizes=True):
+            _put(tree, key, value)
         head = ["# Written by tools/analyze_dataset.py --suggest. Why each number:", *(f"#   {r}" for r in self.reasons)]
         return "\n".join(head) + "\n" + yaml.safe_dump(tree, default_flow_style=None, sort_keys=False, width=1000)
 
@@ -295,7 +315,6 @@ def _finer_than_feature_notes(grids, config_grids, strides, canvas) -> List[str]
 
 
 def _result(cfg, grids, ranges, factor, reasons, cov, before) -> GridSuggestion:
-    sizes0 = train_sizes(cfg)
     changed = factor != 1.0
     if changed:
         train = [_round32(s * factor) for s in cfg.INPUT.MIN_SIZE_TRAIN]
@@ -305,14 +324,8 @@ def _result(cfg, grids, ranges, factor, reasons, cov, before) -> GridSuggestion:
     else:
         train, max_train = list(cfg.INPUT.MIN_SIZE_TRAIN), int(cfg.INPUT.MAX_SIZE_TRAIN)
         min_test, max_test = int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST)
-    opts = ["MODEL.SOLO.NUM_GRIDS", str(list(grids)), "MODEL.SOLO.SCALE_RANGES",
-            str([[_num(lo), _num(hi)] for lo, hi in ranges])]
-    if changed:
-        opts += ["INPUT.MIN_SIZE_TRAIN", f"({', '.join(map(str, train))},)", "INPUT.MAX_SIZE_TRAIN", str(max_train),
-                 "INPUT.MIN_SIZE_TEST", str(min_test), "INPUT.MAX_SIZE_TEST", str(max_test)]
-    del sizes0
     return GridSuggestion(
         num_grids=list(grids), scale_ranges=[(lo, hi) for lo, hi in ranges], input_scale=factor,
         min_size_train=train, max_size_train=max_train, min_size_test=min_test, max_size_test=max_test,
-        reasons=reasons, coverage=cov, before=before, changed_input=changed, opts=opts,
+        reasons=reasons, coverage=cov, before=before, changed_input=changed,
     )
