@@ -12,6 +12,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.coco import convert_to_coco_json
 from detectron2.structures import BitMasks, BoxMode, Instances
 
 from solo_d2 import get_solo_cfg
@@ -162,6 +163,12 @@ def write_dataset(root: Path, name: str, num_images: int, seed: int, **kw):
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, lambda: dicts)
     MetadataCatalog.get(name).set(thing_classes=list(CLASSES), evaluator_type="coco")
+    # The COCO json the evaluator scores against, beside the images. (Without it, the evaluator
+    # writes one into its output folder and keeps that path in the metadata: a later test would
+    # read a file of an earlier test's folder, which pytest removes when that test passes.)
+    json_file = str(root / f"{name}_coco_format.json")
+    convert_to_coco_json(name, json_file, allow_cached=False)
+    MetadataCatalog.get(name).set(json_file=json_file)
     return dicts
 
 
