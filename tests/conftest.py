@@ -6,7 +6,9 @@ import torch
 
 from helpers import write_dataset
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# At most 2 threads (the machine's cores), fewer when OMP_NUM_THREADS asks for fewer (a test run
+# sharing the machine with other work).
+torch.set_num_threads(min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS") or 2)))
 
 
 @pytest.fixture(scope="module")
