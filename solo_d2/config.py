@@ -1,17 +1,36 @@
 """Config of solo_d2: the keys (:func:`add_solo_config`), the one cfg builder
-(:func:`get_solo_cfg`) and the one place that decides the device (:func:`resolve_device`).
+(:func:`get_solo_cfg`), and the one place that decides the device (:func:`resolve_device`) and the
+precision it runs in (:func:`autocast_dtype`: a reduced precision only where the device executes it
+natively).
 
 Defaults follow the reference SOLO R-50-FPN on COCO (the SOLO paper and its official
 implementation). Nothing here edits Detectron2's global defaults: :func:`add_solo_config` extends
 a cfg from ``get_cfg()``. Which AP a setting gave is recorded in BENCHMARKS.md, not here.
 """
 import logging
+import os
+import platform
+from typing import Optional
 
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_solo_config", "get_solo_cfg", "resolve_device"]
+__all__ = [
+    "add_solo_config",
+    "get_solo_cfg",
+    "resolve_device",
+    "autocast_dtype",
+    "native_bfloat16",
+    "cpu_description",
+    "AUTOCAST_DTYPES",
+]
+
+#: The reduced precisions solo_d2 runs under autocast, by config name (float32: no autocast).
+AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) under which bfloat16 convolutions are still native.
+_ONEDNN_BF16_ISAS = ("ALL", "DEFAULT", "BF16", "AMX", "AVX10")
 
 # Under "detectron2" so that the message reaches Detectron2's log handlers once they are set up.
 logger = logging.getLogger("detectron2.solo_d2.config")
@@ -25,6 +44,102 @@ def resolve_device(device: str) -> str:
         logger.warning(f"MODEL.DEVICE = {device!r} but CUDA is not available: running on cpu")
         return "cpu"
     return device
+
+
+def cpu_description() -> str:
+    """This machine's CPU as every speed figure names it: the model name and the instruction set
+    PyTorch dispatches to, e.g. ``"Intel(R) Xeon(R) Processor @ 2.80GHz (AVX512, no native
+    bfloat16)"``."""
+    name = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware")):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    native = "native bfloat16" if native_bfloat16("cpu") else "no native bfloat16"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {native})"
+
+
+def _arm_cpu_features() -> set:
+    """The ``Features`` flags of an Arm CPU (``/proc/cpuinfo``), empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("features"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bfloat16(device) -> bool:
+    """Whether ``device`` executes bfloat16 arithmetic natively, i.e. whether bfloat16 autocast
+    makes it faster. Where it does not, oneDNN emulates bfloat16 on the CPU: a 3x3 convolution
+    is 2x (AVX512 without BF16) to 100x (AVX2) slower than in float32 (BENCHMARKS.md).
+
+    - CPU, x86: AVX512-BF16 or AMX, and PyTorch and oneDNN allowed to use them
+      (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` reproduces an AVX2-only CPU);
+    - CPU, Arm: the ``bf16`` feature (Armv8.6 BF16 instructions);
+    - CUDA: compute capability 8.0 or higher (Ampere on); other devices: left to PyTorch (True).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dev.type != "cpu":
+        return True
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+        return (
+            (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and any(k in isa for k in _ONEDNN_BF16_ISAS)
+        )
+    if machine in ("aarch64", "arm64"):
+        return "bf16" in _arm_cpu_features()
+    return False
+
+
+def autocast_dtype(name: str, device, *, key: str, explicit: bool) -> Optional[torch.dtype]:
+    """The autocast dtype to run in when the config key ``key`` asks for precision ``name``
+    ("float32", "bfloat16" or "float16") on ``device``; None means float32 (no autocast).
+
+    A reduced precision is used only where the device executes it natively: bfloat16 on a CPU
+    without native bfloat16 (:func:`native_bfloat16`) gives float32 and logs one line saying so
+    and why, unless ``explicit`` (the key named the dtype itself, i.e. the user forces it): then
+    bfloat16, with a WARNING. float16 needs CUDA (CPUs compute it slowly, and training would
+    need a gradient scaler): refused elsewhere with a ValueError naming ``key``.
+    """
+    if name == "float32":
+        return None
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"{key} = {name!r}: expected one of {['float32'] + sorted(AUTOCAST_DTYPES)}"
+        )
+    dev = torch.device(device)
+    if name == "float16" and dev.type != "cuda":
+        raise ValueError(
+            f"{key} = 'float16' with MODEL.DEVICE = {str(device)!r}: float16 autocast is for "
+            "CUDA; on a CPU use 'bfloat16' (fast only where the CPU has native bfloat16)"
+        )
+    if name == "bfloat16" and not native_bfloat16(dev):
+        where = cpu_description() if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"
+        if explicit:
+            logger.warning(
+                f"{key} = 'bfloat16' on {where}: bfloat16 is emulated here and runs many times "
+                "slower than float32 (BENCHMARKS.md); running in bfloat16 as asked"
+            )
+            return torch.bfloat16
+        logger.info(
+            f"{key}: running in float32, not bfloat16, on {where}: native bfloat16 needs "
+            "AVX512-BF16 or AMX (x86), BF16 (Arm) or CUDA compute capability 8.0; emulated it is "
+            "many times slower. Name the dtype in the key to force it."
+        )
+        return None
+    return AUTOCAST_DTYPES[name]
 
 
 def get_solo_cfg(config_file=None, opts=(), device_fallback: bool = True):
@@ -154,10 +269,12 @@ def add_solo_config(cfg):
     # (BENCHMARKS.md, "Channels-last and the heads"). The head's outputs are standard (N, C, H, W)
     # tensors; results equal those of the standard layout up to float rounding.
     _C.MODEL.SOLO.CHANNELS_LAST = True
-    # Inference precision of backbone and head: "float32", or "bfloat16" (autocast on the model's
-    # device: convolutions in bfloat16, accumulation and normalisations as autocast decides).
-    # Post-processing always runs in float32; outputs keep their dtypes (float32 scores, bool
-    # masks). Speed and accuracy against float32: BENCHMARKS.md.
+    # Inference precision of backbone and head (autocast on the model's device; post-processing
+    # always runs in float32 and outputs keep their dtypes: float32 scores, bool masks):
+    # "float32"; "auto": the device's fast reduced precision where it has one (float16 on CUDA,
+    # bfloat16 on a CPU with native bfloat16), else float32 with one log line saying why; or
+    # "bfloat16" / "float16" to force that dtype (a WARNING where bfloat16 is emulated: many
+    # times slower). Speed and accuracy against float32: BENCHMARKS.md.
     _C.MODEL.SOLO.INFERENCE_DTYPE = "float32"
 
     # Gradient clipping on the L2 norm of *all* parameters together (the reference clips the
@@ -170,9 +287,18 @@ def add_solo_config(cfg):
     _C.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2); unused by SGD.
     _C.SOLVER.BETAS = (0.9, 0.999)
-    # Mixed-precision training (SOLVER.AMP.ENABLED True) in this dtype: "float16" or "bfloat16";
-    # "" picks the device's: float16 with a gradient scaler on CUDA (Detectron2's AMPTrainer),
-    # bfloat16 on CPU (CPU autocast; bfloat16 has float32's exponent range, so no scaler).
-    # Float16 on CPU is refused (slow, and needs a scaler). Step times: BENCHMARKS.md.
+    # SOLVER.AMP.ENABLED True means "mixed precision where it is fast". This key picks its dtype:
+    # "" the device's: float16 with a gradient scaler on CUDA (Detectron2's AMPTrainer), bfloat16
+    # on a CPU with native bfloat16 (CPU autocast; float32's exponent range, so no scaler), and
+    # float32 on a CPU without it (one log line says so: emulated bfloat16 is 2-100x slower);
+    # "float16" or "bfloat16" force that dtype (a WARNING where bfloat16 is emulated). float16 on
+    # CPU is refused (slow, and needs a scaler). Step times: BENCHMARKS.md.
     _C.SOLVER.AMP.PRECISION = ""
+    # Whole minutes of training to fit the schedule to (0: off, SOLVER.MAX_ITER as given). Before
+    # training, a probe times a few training steps on this machine (data loading included) in
+    # each memory layout (MODEL.SOLO.CHANNELS_LAST) and keeps the faster; MAX_ITER becomes the
+    # iterations that fit (at most SOLVER.MAX_ITER), with SOLVER.STEPS and WARMUP_ITERS scaled by
+    # the same factor. The log and OUTPUT_DIR/time_budget.json say what it chose; a later run in
+    # the same OUTPUT_DIR with the same budget (e.g. --resume) reuses that choice.
+    _C.SOLVER.TIME_BUDGET_MINUTES = 0
     return cfg

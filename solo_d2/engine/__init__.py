@@ -2,6 +2,7 @@
 (:mod:`.train_loop`) and :class:`DataOrderHook` (:mod:`.hooks`)."""
 from .defaults import Trainer, add_full_model_gradient_clipping, create_ddp_model, setup_cfg
 from .hooks import DataOrderHook
+from .time_budget import fit_to_time_budget, measure_step_time
 from .train_loop import (
     CheckedAMPTrainer,
     CheckedCPUAutocastTrainer,
@@ -16,6 +17,8 @@ __all__ = [
     "create_ddp_model",
     "add_full_model_gradient_clipping",
     "DataOrderHook",
+    "fit_to_time_budget",
+    "measure_step_time",
     "build_train_loop",
     "amp_precision",
     "CheckedSimpleTrainer",

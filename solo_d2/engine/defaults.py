@@ -5,8 +5,11 @@
 - on CPU, the DDP wrapper gets ``device_ids=None`` (Detectron2 passes the local rank, which only
   works on GPUs), so ``--num-gpus N`` runs N gloo processes on a CPU-only machine; on GPUs it
   behaves exactly like Detectron2 (NCCL, ``device_ids=[local_rank]``): :meth:`Trainer.create_ddp_model`;
+- ``SOLVER.TIME_BUDGET_MINUTES``: the schedule fitted to a time budget on this machine
+  (:func:`solo_d2.engine.time_budget.fit_to_time_budget`);
 - the inner loop (:func:`solo_d2.engine.train_loop.build_train_loop`): ``SOLVER.AMP.ENABLED``
-  also works on CPU (bfloat16 autocast, ``SOLVER.AMP.PRECISION``), and a NaN/inf loss stops
+  also works on CPU (bfloat16 autocast where the CPU has native bfloat16, else float32;
+  ``SOLVER.AMP.PRECISION``), and a NaN/inf loss stops
   training *before* the optimizer step, on every rank, naming the loss term(s), rank and iteration;
 - ``SOLVER.OPTIMIZER`` (SGD or AdamW) and ``SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM`` (clips the L2
   norm of all gradients together, as the reference does; Detectron2 clips per parameter);
@@ -48,6 +51,7 @@ from ..data.checks import check_num_classes
 from ..data.mapper import FileNamingDatasetMapper
 from ..data.samplers import ResumableTrainingSampler
 from .hooks import DataOrderHook
+from .time_budget import fit_to_time_budget
 from .train_loop import build_train_loop
 
 __all__ = ["Trainer", "setup_cfg", "create_ddp_model", "add_full_model_gradient_clipping"]
@@ -100,6 +104,7 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        cfg = fit_to_time_budget(type(self), cfg)  # SOLVER.TIME_BUDGET_MINUTES (0: unchanged)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)

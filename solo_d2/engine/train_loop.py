@@ -2,7 +2,8 @@
 
 :func:`build_train_loop` picks one of:
 
-- :class:`CheckedSimpleTrainer`: float32 (Detectron2's ``SimpleTrainer``);
+- :class:`CheckedSimpleTrainer`: float32 (Detectron2's ``SimpleTrainer``), also for
+  ``SOLVER.AMP.ENABLED`` on a CPU without native bfloat16 (:func:`amp_precision`);
 - :class:`CheckedAMPTrainer`: CUDA autocast with a gradient scaler (Detectron2's ``AMPTrainer``);
 - :class:`CheckedCPUAutocastTrainer`: CPU autocast in bfloat16, without a scaler (Detectron2's
   ``AMPTrainer`` requires CUDA).
@@ -13,12 +14,14 @@ All three stop on a NaN/inf loss *before* the optimizer step, on every rank, wit
 """
 import math
 import time
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
+
+from ..config import AUTOCAST_DTYPES, autocast_dtype
 
 __all__ = [
     "check_losses_finite",
@@ -96,30 +99,29 @@ class CheckedCPUAutocastTrainer(_FiniteLossMixin, SimpleTrainer):
         self.optimizer.step()
 
 
-def amp_precision(cfg) -> torch.dtype:
-    """The autocast dtype of ``SOLVER.AMP.PRECISION`` for ``MODEL.DEVICE`` ("" = the device's
-    default: float16 on CUDA, bfloat16 on CPU)."""
+def amp_precision(cfg) -> Optional[torch.dtype]:
+    """The autocast dtype of ``SOLVER.AMP`` for ``MODEL.DEVICE``, or None for float32: AMP off,
+    or ``SOLVER.AMP.PRECISION = ""`` on a CPU without native bfloat16
+    (:func:`solo_d2.config.autocast_dtype` decides and logs why). ``""`` is the device's default:
+    float16 on CUDA, bfloat16 on CPU."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
     cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
     name = cfg.SOLVER.AMP.PRECISION or ("float16" if cuda else "bfloat16")
-    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
+    if name not in AUTOCAST_DTYPES:
         raise ValueError(
             f"SOLVER.AMP.PRECISION = {name!r}: expected 'float16', 'bfloat16' or '' (the device's)"
         )
-    if not cuda and name == "float16":
-        raise ValueError(
-            f"SOLVER.AMP.PRECISION = 'float16' with MODEL.DEVICE = {cfg.MODEL.DEVICE!r}: mixed "
-            "precision on CPU runs in 'bfloat16' (float16 needs a gradient scaler, and CPUs "
-            "compute it slowly)"
-        )
-    return dtypes[name]
+    return autocast_dtype(
+        name, cfg.MODEL.DEVICE, key="SOLVER.AMP.PRECISION", explicit=bool(cfg.SOLVER.AMP.PRECISION)
+    )
 
 
 def build_train_loop(cfg, model, data_loader, optimizer) -> TrainerBase:
     """The inner training loop for ``SOLVER.AMP`` (module docs)."""
-    if not cfg.SOLVER.AMP.ENABLED:
-        return CheckedSimpleTrainer(model, data_loader, optimizer)
     precision = amp_precision(cfg)
+    if precision is None:
+        return CheckedSimpleTrainer(model, data_loader, optimizer)
     if torch.device(cfg.MODEL.DEVICE).type == "cuda":
         return CheckedAMPTrainer(model, data_loader, optimizer, precision=precision)
     return CheckedCPUAutocastTrainer(model, data_loader, optimizer, precision=precision)

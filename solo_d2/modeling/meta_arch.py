@@ -22,6 +22,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList, Instances
 from torch import nn
 
+from ..config import autocast_dtype
 from ..data.checks import check_num_classes
 from .heads import build_solo_head
 from .input_checks import check_batched_inputs
@@ -31,8 +32,30 @@ from .targets import LevelTargets, SOLOTargetGenerator
 
 __all__ = ["SOLO"]
 
-#: MODEL.SOLO.INFERENCE_DTYPE values and the autocast dtype of each (None: no autocast)
+#: The precisions backbone and head run in at inference, and the autocast dtype of each (None: no
+#: autocast). MODEL.SOLO.INFERENCE_DTYPE also takes "auto" (:func:`inference_dtype_of`).
 INFERENCE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def inference_dtype_of(cfg) -> str:
+    """The precision of ``MODEL.SOLO.INFERENCE_DTYPE`` on ``MODEL.DEVICE``, as a key of
+    :data:`INFERENCE_DTYPES`: "auto" is the device's fast reduced precision where it executes
+    it natively, else float32; a named dtype is used as asked
+    (:func:`solo_d2.config.autocast_dtype` decides, and logs why it falls back or warns)."""
+    name = cfg.MODEL.SOLO.INFERENCE_DTYPE
+    if name not in ("auto", *INFERENCE_DTYPES):
+        raise ValueError(
+            f"MODEL.SOLO.INFERENCE_DTYPE must be one of {['auto'] + sorted(INFERENCE_DTYPES)}, "
+            f"got {name!r}"
+        )
+    device = cfg.MODEL.DEVICE
+    if name == "auto":
+        name = "float16" if torch.device(device).type == "cuda" else "bfloat16"
+        if name not in INFERENCE_DTYPES:
+            name = "float32"
+    dtype = autocast_dtype(name, device, key="MODEL.SOLO.INFERENCE_DTYPE",
+                           explicit=cfg.MODEL.SOLO.INFERENCE_DTYPE != "auto")
+    return "float32" if dtype is None else name
 
 
 @META_ARCH_REGISTRY.register()
@@ -85,8 +108,8 @@ class SOLO(nn.Module):
             pixel_mean, pixel_std: per-channel normalisation of the input image.
             channels_last: run the backbone and the head's convolutions in channels-last memory
                 format (the head's outputs are standard-layout tensors either way).
-            inference_dtype: "float32" or "bfloat16": backbone and head at inference under
-                autocast in that dtype (:meth:`inference_autocast`); post-processing in float32.
+            inference_dtype: a key of :data:`INFERENCE_DTYPES` (:meth:`from_config` resolves
+                the config's "auto"): backbone and head at inference under autocast in that dtype (:meth:`inference_autocast`); post-processing in float32.
             Others: see :mod:`solo_d2.config`.
         """
         super().__init__()
@@ -160,7 +183,7 @@ class SOLO(nn.Module):
             "focal_loss_alpha": sc.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": sc.FOCAL_LOSS_GAMMA,
             "channels_last": sc.CHANNELS_LAST,
-            "inference_dtype": sc.INFERENCE_DTYPE,
+            "inference_dtype": inference_dtype_of(cfg),
         }
 
     @property
