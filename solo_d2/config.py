@@ -152,12 +152,17 @@ def add_solo_config(cfg):
     # Run the backbone (ResNet + FPN) and the SOLO head's convolutions in channels-last memory
     # format: faster convolutions on CPU for a BatchNorm ResNet and for the GroupNorm towers
     # (BENCHMARKS.md, "Channels-last and the heads"). The head's outputs are standard (N, C, H, W)
-    # tensors; results equal those of the standard layout up to float rounding.
+    # tensors; results equal those of the standard layout up to float rounding. Applied where it
+    # pays (solo_d2.modeling.meta_arch.channels_last_pays decides): always on the CPU; on CUDA not
+    # when NORM is "GN" (CUDA's GroupNorm takes standard-layout inputs: each GN layer of the head
+    # would copy twice; unmeasured on a GPU).
     _C.MODEL.SOLO.CHANNELS_LAST = True
-    # Inference precision of backbone and head: "float32", or "bfloat16" (autocast on the model's
-    # device: convolutions in bfloat16, accumulation and normalisations as autocast decides).
-    # Post-processing always runs in float32; outputs keep their dtypes (float32 scores, bool
-    # masks). Speed and accuracy against float32: BENCHMARKS.md.
+    # Inference precision of backbone and head: "float32", "bfloat16" (autocast on the model's
+    # device: convolutions in bfloat16, accumulation and normalisations as autocast decides), or
+    # "float16" (CUDA autocast, for GPUs without bfloat16 such as V100 and T4; refused on the CPU,
+    # where bfloat16 is the reduced precision). Post-processing always runs in float32 with
+    # autocast off; outputs keep their dtypes (float32 scores, bool masks). Speed and accuracy
+    # against float32: BENCHMARKS.md.
     _C.MODEL.SOLO.INFERENCE_DTYPE = "float32"
 
     # Gradient clipping on the L2 norm of *all* parameters together (the reference clips the
