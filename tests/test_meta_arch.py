@@ -242,3 +242,24 @@ def test_channels_last_head_equals_the_standard_layout(head):
     for a, b in zip(*outputs):
         assert a.is_contiguous() and a.shape == b.shape
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_is_applied_where_it_pays():
+    # One rule (channels_last_pays): the key on the CPU; on CUDA not with GroupNorm heads.
+    from solo_d2.modeling.meta_arch import channels_last_pays
+
+    assert channels_last_pays(True, "cpu", "GN") and channels_last_pays(True, "cpu", "")
+    assert not channels_last_pays(True, "cuda", "GN") and not channels_last_pays(True, "cuda:0", "GN")
+    assert channels_last_pays(True, "cuda", "BN") and channels_last_pays(True, "cuda", "")
+    assert not channels_last_pays(False, "cpu", "GN") and not channels_last_pays(False, "cuda", "BN")
+    # The model applies the decision (on the CPU: the key).
+    on = build_model(tiny_cfg("SOLOHead", **{"MODEL.SOLO.CHANNELS_LAST": "True"}))
+    assert on.channels_last
+    assert on.head.cate_pred.weight.is_contiguous(memory_format=torch.channels_last)
+    cfg = tiny_cfg("SOLOHead", **{"MODEL.SOLO.CHANNELS_LAST": "True"})
+    cfg.MODEL.DEVICE = "cuda"  # from_config's decision only (building would need CUDA)
+    from solo_d2.modeling import SOLO
+
+    with torch.device("cpu"):
+        args = SOLO.from_config(cfg)
+    assert args["channels_last"] is False
