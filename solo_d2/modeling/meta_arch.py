@@ -149,7 +149,10 @@ class SOLO(nn.Module):
         self.focal_loss_gamma = focal_loss_gamma
         self.channels_last = channels_last
         if inference_dtype not in INFERENCE_DTYPES:
-            check_inference_dtype(inference_dtype, "cuda")  # raises: unknown value
+            raise ValueError(
+                f"MODEL.SOLO.INFERENCE_DTYPE must be one of {sorted(INFERENCE_DTYPES)}, got "
+                f"{inference_dtype!r}"
+            )
         self.inference_dtype = inference_dtype
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)

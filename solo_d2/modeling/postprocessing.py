@@ -196,7 +196,8 @@ class SOLOPostProcessor:
             return torch.as_tensor(self.min_areas, device=device, dtype=dtype)
         key = (torch.device(device), dtype)
         if key not in self._constants:
-            self._constants[key] = torch.as_tensor(self.min_areas, dtype=dtype).to(device)
+            with torch.inference_mode(False):  # a normal tensor, usable outside inference mode
+                self._constants[key] = torch.as_tensor(self.min_areas, dtype=dtype).to(device)
         return self._constants[key]
 
     @classmethod
@@ -273,8 +274,10 @@ class SOLOPostProcessor:
 
         Runs with autocast off (:func:`float32_region`) whoever calls it, in float32. Host
         reads (syncs on an accelerator) are bounded: on a device whose host reads are not free
-        (:func:`~solo_d2.modeling.layers.host_reads_are_free`), at most 4 plus 1 per rescoring
-        chunk, whatever the number of classes and candidates (tests/test_sync_census.py).
+        (:func:`~solo_d2.modeling.layers.host_reads_are_free`), 4 (candidates, their level
+        counts, the area filter, the update threshold), or 5 plus 1 per rescoring chunk when
+        more than ``nms_pre`` candidates are rescored (one chunk there, up to about 4,000
+        candidates at 800 x 1333), whatever the number of classes (tests/test_sync_census.py).
         """
         with float32_region(cate_logits[0].device):
             return self._predict(cate_logits, mask_fn, mask_size, padded_size, image_size,
