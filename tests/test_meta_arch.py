@@ -263,3 +263,23 @@ def test_channels_last_is_applied_where_it_pays():
     with torch.device("cpu"):
         args = SOLO.from_config(cfg)
     assert args["channels_last"] is False
+
+
+def test_polygon_and_bitmask_gt_give_the_same_training_losses():
+    # Detectron2's default MASK_FORMAT is polygon (PolygonMasks stay on the host when the
+    # instances move to the model's device); bitmask is what Base-SOLO.yaml sets.
+    from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("SOLOHead")).train()
+    polys = PolygonMasks([[[10.0, 10.0, 60.0, 10.0, 60.0, 60.0, 10.0, 60.0]],
+                          [[70.0, 30.0, 120.0, 30.0, 95.0, 110.0]]])
+    image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)
+    losses = []
+    for masks in (polys, BitMasks.from_polygon_masks(polys, 128, 128)):
+        inst = Instances((128, 128), gt_masks=masks, gt_classes=torch.tensor([1, 2]),
+                         gt_boxes=Boxes(polys.get_bounding_boxes().tensor))
+        losses.append(model([{"image": image, "instances": inst}]))
+    assert losses[0]["loss_mask"] > 0
+    for k in losses[0]:
+        assert torch.equal(losses[0][k], losses[1][k]), k
