@@ -267,10 +267,13 @@ def add_solo_config(cfg):
     # Run the backbone (ResNet + FPN) and the SOLO head's convolutions in channels-last memory
     # format: faster convolutions on CPU for a BatchNorm ResNet and for the GroupNorm towers
     # (BENCHMARKS.md, "Channels-last and the heads"). The head's outputs are standard (N, C, H, W)
-    # tensors; results equal those of the standard layout up to float rounding.
+    # tensors; results equal those of the standard layout up to float rounding. Applied where it
+    # pays (solo_d2.modeling.meta_arch.channels_last_pays decides): always on the CPU; on CUDA not
+    # when NORM is "GN" (CUDA's GroupNorm takes standard-layout inputs: each GN layer of the head
+    # would copy twice; unmeasured on a GPU).
     _C.MODEL.SOLO.CHANNELS_LAST = True
     # Inference precision of backbone and head (autocast on the model's device; post-processing
-    # always runs in float32 and outputs keep their dtypes: float32 scores, bool masks):
+    # always runs in float32 with autocast off, and outputs keep their dtypes: float32 scores, bool masks):
     # "float32"; "auto": the device's fast reduced precision where it has one (float16 on CUDA,
     # bfloat16 on a CPU with native bfloat16), else float32 with one log line saying why; or
     # "bfloat16" / "float16" to force that dtype (a WARNING where bfloat16 is emulated: many

@@ -38,10 +38,22 @@ def tiny_cfg(head_type="SOLOHead", **overrides):
     return cfg
 
 
+#: the environment entries that pin a subprocess to the CPU: no CUDA device visible, so configs
+#: saying ``MODEL.DEVICE cuda`` fall back to the CPU and distributed runs use gloo, on a CUDA
+#: machine as on a CPU one (only tests/test_cuda.py uses the GPU)
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def cpu_env(**extra):
+    """``os.environ`` with :data:`CPU_ONLY` and ``extra`` (which may override it)."""
+    return {**os.environ, **CPU_ONLY, **extra}
+
+
 def subprocess_env(tmp_path, threads=2, **extra):
     """The environment of a training subprocess: this checkout's solo_d2 first on PYTHONPATH,
-    ``threads`` OpenMP threads, the shapes datasets under ``tmp_path / "datasets"``."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra)
+    ``threads`` OpenMP threads, the shapes datasets under ``tmp_path / "datasets"``, on the CPU
+    (:data:`CPU_ONLY`)."""
+    env = cpu_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra)
     env["SOLO_D2_DATASETS"] = str(Path(tmp_path) / "datasets")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
@@ -85,9 +97,9 @@ def load_script(path, name=None):
 
 
 def run_script(script, *args, cwd=REPO, env=None, timeout=300):
-    """Run ``python SCRIPT ARGS...`` (``env``: extra environment variables); returns the
-    ``CompletedProcess`` (``stdout`` and ``stderr`` apart)."""
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env={**os.environ, **(env or {})},
+    """Run ``python SCRIPT ARGS...`` on the CPU (``env``: extra environment variables); returns
+    the ``CompletedProcess`` (``stdout`` and ``stderr`` apart)."""
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cpu_env(**(env or {})),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -296,7 +308,7 @@ def driver_cmd(env, out_dir, *args, opts=()):
     return train_net_cmd(
         *args,
         "DATASETS.TRAIN", f"('{json.loads(env['SOLO_TEST_DATASET'])['name']}',)", "DATASETS.TEST", "()",
-        "SEED", "0", "OUTPUT_DIR", str(out_dir), *opts,
+        "SEED", "0", "OUTPUT_DIR", str(out_dir), "MODEL.DEVICE", "cpu", *opts,
         script=env["SOLO_TEST_DRIVER"],
     )
 

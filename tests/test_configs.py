@@ -7,7 +7,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import solo_d2
-from helpers import REPO, solo_test_cfg
+from helpers import REPO, cpu_env, solo_test_cfg
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 
@@ -75,7 +75,7 @@ def test_flop_count_traces_the_model():
         [sys.executable, str(REPO / "tools" / "analyze_model.py"), "--config-file",
          str(REPO / "configs" / "tests" / "SOLO_tiny.yaml"), "--size", "128", "128",
          "--num-inputs", "1", "--tasks", "flop"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=cpu_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "GFLOPs at 128x128" in proc.stdout

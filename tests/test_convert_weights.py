@@ -12,7 +12,7 @@ import torch
 from detectron2.modeling import build_model
 
 import solo_d2  # noqa: F401
-from helpers import load_script
+from helpers import cpu_env, load_script
 from solo_d2.checkpoint import SafeDetectionCheckpointer
 from solo_d2.checkpoint_conversion import (
     ConvertedCheckpoint,
@@ -259,6 +259,7 @@ def test_cli_last_line_is_the_config(tmp_path):
     proc = subprocess.run(
         [sys.executable, TOOL, str(src), str(tmp_path / "d.pth")],
         capture_output=True,
+        env=cpu_env(),
         text=True,
         cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

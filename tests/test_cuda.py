@@ -1,8 +1,12 @@
-"""CUDA smoke test: runs only where CUDA is available (a lent GPU machine), skipped elsewhere.
+"""CUDA tests: run only where CUDA is available (a lent GPU machine), skipped elsewhere.
 
-The tiny config trains a few iterations on the GPU with AMP (Detectron2's AMPTrainer, float16
-with a gradient scaler), then the same weights predict on the GPU and on the CPU: the category
-scores, the candidates' soft masks and the final detections must agree within float tolerance.
+- The tiny config trains a few iterations on the GPU with AMP (Detectron2's AMPTrainer, float16
+  with a gradient scaler) for every head, then the same weights predict on the GPU and on the
+  CPU: the category scores, the candidates' soft masks and the final detections must agree
+  within float tolerance; float16 and bfloat16 inference (``MODEL.SOLO.INFERENCE_DTYPE``) agree
+  with the CPU's float32 within their stated tolerance.
+- Training from polygon masks (Detectron2's default ``MASK_FORMAT``) on the GPU.
+- Post-processing's host-device syncs, counted by ``torch.cuda.set_sync_debug_mode``.
 """
 import copy
 
@@ -23,7 +27,15 @@ LOW_THRESHOLDS = {
 }
 
 
-@pytest.mark.parametrize("head", ["SOLOHead", "DecoupledSOLOHead", "DecoupledSOLOLightHead", "SOLOv2Head"])
+#: reduced-precision inference against the CPU's float32, on the 5-iteration model: category
+#: probabilities and final scores (float16 keeps 11 bits of mantissa, bfloat16 8)
+REDUCED_TOLERANCE = {"float16": 0.005, "bfloat16": 0.02}
+
+HEADS = ["SOLOHead", "DecoupledSOLOHead", "DecoupledSOLOLightHead", "DecoupledSOLOCompactHead",
+         "SOLOv2Head"]
+
+
+@pytest.mark.parametrize("head", HEADS)
 def test_amp_training_then_gpu_and_cpu_predictions_agree(head, tiny_dataset, tmp_path):
     cfg = tiny_cfg(head, **LOW_THRESHOLDS)
     cfg.MODEL.DEVICE = "cuda"
@@ -69,6 +81,74 @@ def test_amp_training_then_gpu_and_cpu_predictions_agree(head, tiny_dataset, tmp
     inter = (inst_g.pred_masks & inst_c.pred_masks).flatten(1).sum(1).float()
     union = (inst_g.pred_masks | inst_c.pred_masks).flatten(1).sum(1).float().clamp(min=1)
     assert (inter / union).min() >= 0.98
+
+    # float16 and bfloat16 inference on the GPU (autocast) against the CPU's float32.
+    for dtype, tol in REDUCED_TOLERANCE.items():
+        gpu.inference_dtype = dtype
+        try:
+            with torch.no_grad():
+                inst_r = gpu([{"image": x}])[0]["instances"].to("cpu")
+        finally:
+            gpu.inference_dtype = "float32"
+        assert len(inst_r) == len(inst_c), dtype
+        assert inst_r.scores.dtype == torch.float32 and torch.isfinite(inst_r.scores).all(), dtype
+        torch.testing.assert_close(inst_r.scores, inst_c.scores, atol=tol, rtol=0, msg=dtype)
+
+
+def test_polygon_masks_train_on_cuda():
+    # Detectron2's default MASK_FORMAT is polygon: PolygonMasks stay on the host through
+    # Instances.to(device); the target generator rasterises them and moves them to the GPU.
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    cfg = tiny_cfg("SOLOHead")
+    cfg.MODEL.DEVICE = "cuda"
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    polys = [[[10.0, 10.0, 60.0, 10.0, 60.0, 60.0, 10.0, 60.0]], [[70.0, 30.0, 120.0, 30.0, 95.0, 110.0]]]
+    inst = Instances((128, 128))
+    inst.gt_masks = PolygonMasks(polys)
+    inst.gt_boxes = Boxes(inst.gt_masks.get_bounding_boxes().tensor)
+    inst.gt_classes = torch.tensor([1, 2])
+    image, _ = make_image(np.random.default_rng(0))
+    x = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    with torch.autocast("cuda", dtype=torch.float16):
+        losses = model([{"image": x, "instances": inst}])
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total.device.type == "cuda"
+    total.backward()
+
+
+@pytest.mark.parametrize("head", ["SOLOHead", "SOLOv2Head"])
+def test_postprocessing_syncs_on_cuda(head):
+    # torch.cuda.set_sync_debug_mode warns at every synchronising call: post-processing of an
+    # image (every cell of every class a candidate) stays within the CPU census's bound.
+    import warnings
+
+    from detectron2.modeling import build_model
+
+    cfg = tiny_cfg(head, **{**LOW_THRESHOLDS, "MODEL.SOLO.MAX_PER_IMAGE": 100})
+    cfg.MODEL.DEVICE = "cuda"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image, _ = make_image(np.random.default_rng(3))
+    batch = [{"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))}]
+    with torch.no_grad():
+        images = model.preprocess_image(batch)
+        feats = model.run_backbone(images.tensor)
+        cate, mask_feats = model.float_outputs(*model.head([feats[f] for f in model.in_features]))
+        model.inference_from_outputs(cate, mask_feats, images, batch)  # warm-up (constants)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = model.inference_from_outputs(cate, mask_feats, images, batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(out[0]["instances"]) > 0
+    assert len(syncs) <= 12, [str(w.message) for w in syncs]
 
 
 def test_box_paste_and_bfloat16_inference_on_cuda():

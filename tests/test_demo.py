@@ -13,7 +13,7 @@ import torch
 from detectron2.modeling import build_model
 
 import solo_d2
-from helpers import REPO, TINY_CONFIG, load_script, make_image, solo_test_cfg
+from helpers import REPO, TINY_CONFIG, cpu_env, load_script, make_image, solo_test_cfg
 from solo_d2.visualize import setup_demo_cfg, side_by_side, visualize_dataset
 
 SHAPES_CONFIGS = ["configs/Shapes/SOLO_R18_shapes.yaml", "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"]
@@ -90,7 +90,7 @@ def test_demo_command_line_error_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "demo" / "demo.py"), "--config-file", TINY_CONFIG,
          "--input", str(tmp_path / "missing.png")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=cpu_env(),
     )
     assert proc.returncode == 1
     assert "missing.png" in proc.stderr and "Traceback" not in proc.stderr

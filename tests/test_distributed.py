@@ -177,3 +177,11 @@ def test_two_machines_on_loopback(tmp_path):
     assert (m0 / "model_final.pth").is_file() and (m0 / "metrics.json").is_file()
     assert not list(m1.glob("*.pth")) and not (m1 / "metrics.json").exists()
     assert "Total training time" in results[0][1]
+
+
+def test_subprocesses_are_pinned_to_the_cpu(tmp_path):
+    # On a CUDA machine too: configs default to MODEL.DEVICE cuda, and two "GPUs" on one would
+    # take the NCCL path. Only tests/test_cuda.py uses the GPU.
+    assert subprocess_env(tmp_path)["CUDA_VISIBLE_DEVICES"] == ""
+    cmd = driver_cmd({"SOLO_TEST_DATASET": '{"name": "x"}', "SOLO_TEST_DRIVER": "d.py"}, tmp_path)
+    assert cmd[cmd.index("MODEL.DEVICE") + 1] == "cpu"

@@ -99,3 +99,89 @@ def test_postprocessing_runs_in_float32_under_a_callers_autocast(monkeypatch):
         own = bf16([{"image": x}])[0]["instances"]
     assert seen == [(False, torch.float32)]
     assert torch.equal(outer.scores, own.scores) and torch.equal(outer.pred_masks, own.pred_masks)
+
+
+def test_float16_inference_is_cuda_only_and_named():
+    from solo_d2.modeling.meta_arch import INFERENCE_DTYPES
+
+    assert INFERENCE_DTYPES["float16"] is torch.float16
+    # Built for the CPU: refused, naming the key (CPU float16 autocast: use bfloat16 there).
+    with pytest.raises(ValueError, match="MODEL.SOLO.INFERENCE_DTYPE float16 needs a CUDA device"):
+        build_model(tiny_cfg("SOLOHead", **{"MODEL.SOLO.INFERENCE_DTYPE": "float16"}))
+    # A model set to float16 and run on the CPU anyway: refused at inference, not run.
+    model = build_model(tiny_cfg("SOLOHead")).eval()
+    model.inference_dtype = "float16"
+    with pytest.raises(ValueError, match="INFERENCE_DTYPE float16 needs a CUDA device"):
+        model([{"image": _image()}])
+
+
+def _big_mask_case():
+    """Post-processor inputs whose masks exceed float16's 65,504 (a 200 x 336 canvas, 67,200
+    pixels, the finest mask size of 800 x 1333): 6 candidates of 2 classes, near-full masks
+    (some nearly identical, so Matrix NMS decays them), scores known."""
+    from solo_d2.modeling import SOLOPostProcessor
+
+    h, w = 200, 336
+    cate = [torch.full((2, 4, 4), -10.0), torch.full((2, 2, 2), -10.0)]
+    spec = [(0, 0, 3.0), (2, 0, 2.5), (8, 1, 2.0), (10, 1, 1.5), (5, 0, 1.0), (0, 1, 0.5)]
+    masks = {}
+    for cell, cls, logit in spec:
+        cate[0][cls, cell // 4, cell % 4] = logit
+        m = torch.full((h, w), 0.9)
+        m[: 2 + cell, : 3 + 2 * cell] = 0.2  # slightly different near-full masks
+        masks[cell] = m
+    assert all(int((m > 0.5).sum()) > 65504 for m in masks.values())
+
+    def mask_fn(level, cells):
+        return torch.stack([masks[int(c)] for c in cells] + [torch.zeros(h, w)])[:-1]
+
+    pp = SOLOPostProcessor(num_classes=2, num_grids=[4, 2], min_areas=[8, 16], update_thresh=0.0)
+    return pp, cate, mask_fn, (h, w)
+
+
+#: post-processing runs in float32 with autocast off, so a caller's autocast changes nothing:
+#: the same detections, scores equal to float32's within this (in fact bit for bit)
+AUTOCAST_SCORE_TOLERANCE = 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_postprocessing_under_a_callers_autocast_equals_float32(dtype):
+    from solo_d2.modeling import matrix_nms
+
+    pp, cate, mask_fn, (h, w) = _big_mask_case()
+    args = (cate, mask_fn, (h, w), (4 * h, 4 * w), (4 * h - 3, 4 * w - 5), (h, w))
+    ref = pp(*args)
+    with torch.autocast("cpu", dtype=dtype):
+        out = pp(*args)
+        # Matrix NMS called directly too (areas 67,200 > 65,504: float16 would give inf, NaN)
+        binary = torch.stack([mask_fn(0, torch.tensor([c]))[0] > 0.5 for c in (0, 2, 5)])
+        nms = matrix_nms(binary, torch.zeros(3, dtype=torch.long), torch.tensor([0.9, 0.8, 0.7]))
+    assert len(ref) == 5 and torch.isfinite(ref.scores).all()  # cell 5 of class 0: point NMS
+    assert torch.isfinite(nms).all() and nms.dtype == torch.float32
+    assert nms[0] == 0.9 and nms[1] < 0.2  # near-identical masks: IoU ~0.99, decayed
+    assert torch.equal(nms, matrix_nms(binary, torch.zeros(3, dtype=torch.long), torch.tensor([0.9, 0.8, 0.7])))
+    assert torch.equal(out.pred_classes, ref.pred_classes)
+    assert torch.equal(out.pred_masks, ref.pred_masks)
+    torch.testing.assert_close(out.scores, ref.scores, rtol=0, atol=AUTOCAST_SCORE_TOLERANCE)
+    assert out.scores.dtype == torch.float32
+
+
+def test_deploy_model_postprocessing_runs_without_autocast(monkeypatch):
+    # SOLODeployModel calls the post-processor directly (not through SOLO.inference): under a
+    # caller's float16 autocast, Matrix NMS still sees autocast off and float32.
+    from solo_d2.deploy import SOLODeployModel
+    from solo_d2.modeling import postprocessing
+
+    f32, _ = _models("SOLOHead")
+    seen = []
+    inner = postprocessing._matrix_nms
+
+    def recording(masks, labels, scores, *a):
+        seen.append((torch.is_autocast_enabled("cpu"), scores.dtype))
+        return inner(masks, labels, scores, *a)
+
+    monkeypatch.setattr(postprocessing, "_matrix_nms", recording)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        masks, scores, classes, boxes = SOLODeployModel(f32)(_image())
+    assert seen == [(False, torch.float32)]
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and len(scores) > 0

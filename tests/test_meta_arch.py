@@ -242,3 +242,44 @@ def test_channels_last_head_equals_the_standard_layout(head):
     for a, b in zip(*outputs):
         assert a.is_contiguous() and a.shape == b.shape
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_is_applied_where_it_pays():
+    # One rule (channels_last_pays): the key on the CPU; on CUDA not with GroupNorm heads.
+    from solo_d2.modeling.meta_arch import channels_last_pays
+
+    assert channels_last_pays(True, "cpu", "GN") and channels_last_pays(True, "cpu", "")
+    assert not channels_last_pays(True, "cuda", "GN") and not channels_last_pays(True, "cuda:0", "GN")
+    assert channels_last_pays(True, "cuda", "BN") and channels_last_pays(True, "cuda", "")
+    assert not channels_last_pays(False, "cpu", "GN") and not channels_last_pays(False, "cuda", "BN")
+    # The model applies the decision (on the CPU: the key).
+    on = build_model(tiny_cfg("SOLOHead", **{"MODEL.SOLO.CHANNELS_LAST": "True"}))
+    assert on.channels_last
+    assert on.head.cate_pred.weight.is_contiguous(memory_format=torch.channels_last)
+    cfg = tiny_cfg("SOLOHead", **{"MODEL.SOLO.CHANNELS_LAST": "True"})
+    cfg.MODEL.DEVICE = "cuda"  # from_config's decision only (building would need CUDA)
+    from solo_d2.modeling import SOLO
+
+    with torch.device("cpu"):
+        args = SOLO.from_config(cfg)
+    assert args["channels_last"] is False
+
+
+def test_polygon_and_bitmask_gt_give_the_same_training_losses():
+    # Detectron2's default MASK_FORMAT is polygon (PolygonMasks stay on the host when the
+    # instances move to the model's device); bitmask is what Base-SOLO.yaml sets.
+    from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("SOLOHead")).train()
+    polys = PolygonMasks([[[10.0, 10.0, 60.0, 10.0, 60.0, 60.0, 10.0, 60.0]],
+                          [[70.0, 30.0, 120.0, 30.0, 95.0, 110.0]]])
+    image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)
+    losses = []
+    for masks in (polys, BitMasks.from_polygon_masks(polys, 128, 128)):
+        inst = Instances((128, 128), gt_masks=masks, gt_classes=torch.tensor([1, 2]),
+                         gt_boxes=Boxes(polys.get_bounding_boxes().tensor))
+        losses.append(model([{"image": image, "instances": inst}]))
+    assert losses[0]["loss_mask"] > 0
+    for k in losses[0]:
+        assert torch.equal(losses[0][k], losses[1][k]), k

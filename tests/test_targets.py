@@ -163,3 +163,45 @@ def test_mask_resize_equals_bilinear_interpolation(canvas, size):
     padded[:, 0, :h, :w] = masks.float()
     expected = F.interpolate(padded, size=size, mode="bilinear", align_corners=False)[:, 0] >= 0.5
     assert torch.equal(_resize_masks(masks, canvas, size), expected)
+
+
+def _polygon_and_bitmask_instances(device):
+    """Two instances (a square and a triangle) as PolygonMasks and as BitMasks, classes and
+    boxes on ``device`` (as ``Instances.to(model.device)`` leaves them: PolygonMasks stay on the
+    host, BitMasks move)."""
+    from detectron2.structures import Boxes, PolygonMasks
+
+    polys = [[[10.0, 10.0, 40.0, 10.0, 40.0, 40.0, 10.0, 40.0]], [[60.0, 20.0, 100.0, 20.0, 80.0, 70.0]]]
+    out = []
+    for fmt in ("polygon", "bitmask"):
+        inst = Instances((128, 128))
+        pm = PolygonMasks(polys)
+        inst.gt_masks = pm if fmt == "polygon" else BitMasks.from_polygon_masks(pm, 128, 128).to(device)
+        inst.gt_classes = torch.tensor([1, 3], device=device)
+        inst.gt_boxes = Boxes(pm.get_bounding_boxes().tensor.to(device))
+        out.append(inst)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["polygon", "bitmask"])
+def test_instance_geometry_stays_on_the_models_device(fmt):
+    # On the "meta" device (shapes only), a tensor left on the host meets the instances' tensors
+    # in an operation and raises: the masks must be built on the device, whatever the format.
+    from solo_d2.modeling.targets import _instance_geometry
+
+    inst = _polygon_and_bitmask_instances("meta")[("polygon", "bitmask").index(fmt)]
+    geometry = _instance_geometry(inst, (128, 128))
+    assert all(t.device.type == "meta" for t in geometry)
+    masks, area, cy, cx, bw, bh = geometry
+    assert masks.shape == (2, 128, 128) and masks.dtype == torch.bool
+    assert area.dtype == torch.float64 and bw.shape == (2,)
+
+
+def test_polygon_and_bitmask_training_targets_agree():
+    polygon, bitmask = _polygon_and_bitmask_instances("cpu")
+    a = generator()([polygon], (128, 128), MASK_SIZES)
+    b = generator()([bitmask], (128, 128), MASK_SIZES)
+    assert sum(x.num_pos for x in a) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x.labels, y.labels) and torch.equal(x.pos_cell, y.pos_cell)
+        assert torch.equal(x.masks, y.masks)

@@ -13,8 +13,18 @@ Common options: ``--models`` (default: SOLO DecoupledSOLO DecoupledSOLO_Light SO
 a model whose config is not in the checkout is skipped with a note), ``--runs`` (timed runs
 after one warm-up), ``--threads`` (default 2; the same for every model), ``--size H W``
 (default: each model's reference size: 800x1333, 512x852 for the light model), ``--device
-cpu|cuda``, ``--amp`` (CUDA autocast, float16), ``--dtype float32|bfloat16`` (SOLO models'
-``MODEL.SOLO.INFERENCE_DTYPE``), ``--candidates N`` (default 500, see below).
+cpu|cuda``, ``--amp`` (training: autocast, float16 on CUDA, bfloat16 on the CPU; ``--train-amp
+both`` times float32 and AMP steps in one process), ``--dtype float32|float16|bfloat16`` (SOLO
+models' ``MODEL.SOLO.INFERENCE_DTYPE``, Mask R-CNN's backbone and heads under autocast in that
+dtype; float16 is CUDA only), ``--batch N...`` (inference batch sizes, default 1: a batch of N
+copies of the image, in one process), ``--candidates N`` (default 500, see below).
+
+    python tools/benchmark.py syncs    # host-device syncs per image of inference and its postprocess
+
+``syncs`` counts, per image, with :class:`solo_d2.utils.sync_census.SyncCensus` (a dispatch-mode
+counter of ``nonzero``, ``unique``, ``item``, ``equal`` and copies to the host), on the CPU also
+for the accelerator's paths (``device_paths_on_cpu``), on CUDA also the driver's own count
+(``torch.cuda.set_sync_debug_mode("warn")``).
 
 Models: ``SOLO``, ``DecoupledSOLO``, ``DecoupledSOLO_Light`` (solo_d2's COCO configs, R-50-FPN),
 ``SOLO_S2`` (vanilla SOLO forming all S^2 masks of every level, as reference implementations do;
@@ -62,6 +72,7 @@ MODELS = {
     "DecoupledSOLO_Light": (COCO + "DecoupledSOLO_Light_R50_3x.yaml", (512, 852)),
     "SOLOv2": (COCO + "SOLOv2_R50_1x.yaml", (800, 1333)),
     "SOLOv2_Light": (COCO + "SOLOv2_Light_R50.yaml", (448, 768)),
+    "SOLOv2_Light_R18": (COCO + "SOLOv2_Light_R18.yaml", (448, 768)),
     "MaskRCNN": ("model_zoo:COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", (800, 1333)),
 }
 DEFAULT_MODELS = ["SOLO", "DecoupledSOLO", "DecoupledSOLO_Light", "SOLOv2", "SOLOv2_Light", "MaskRCNN"]
@@ -83,9 +94,7 @@ def available(name):
 def build_cfg(name, device="cpu", dtype="float32"):
     path = MODELS[name][0]
     if path.startswith("model_zoo:"):
-        cfg = load_cfg(model_zoo=path[len("model_zoo:"):], device=device)
-        if dtype != "float32":
-            raise ValueError(f"--dtype {dtype}: only SOLO models have MODEL.SOLO.INFERENCE_DTYPE")
+        cfg = load_cfg(model_zoo=path[len("model_zoo:"):], device=device)  # dtype: autocast
     else:
         cfg = load_cfg(str(REPO / path), device=device)
         cfg.MODEL.SOLO.INFERENCE_DTYPE = dtype
@@ -152,10 +161,22 @@ class Timer:
 # ---------------------------------------------------------------------------------------------
 # one inference / one training step, split into stages
 # ---------------------------------------------------------------------------------------------
-def infer_stages(model, batch, t: Timer):
-    """Inference of ``batch`` with stage timings; returns the number of output instances."""
+def autocast_for(model, dtype):
+    """Mask R-CNN's inference context for ``dtype`` (autocast on the model's device; none for
+    float32). SOLO models use their own ``inference_autocast`` (``MODEL.SOLO.INFERENCE_DTYPE``)."""
+    import torch
+
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(model.device.type, dtype=getattr(torch, dtype))
+
+
+def infer_stages(model, batch, t: Timer, dtype="float32"):
+    """Inference of ``batch`` with stage timings; returns the number of output instances.
+    ``dtype``: Mask R-CNN's autocast (:func:`autocast_for`); a SOLO model runs in its
+    ``inference_dtype``."""
     images = t("preprocess", model.preprocess_image, batch)
-    if is_solo(model):  # SOLO.inference's steps (one group: one image)
+    if is_solo(model):  # SOLO.inference's steps (one group: images of one size)
         with model.inference_autocast():
             feats = t("backbone", model.run_backbone, images.tensor)
 
@@ -167,14 +188,15 @@ def infer_stages(model, batch, t: Timer):
     else:  # Detectron2's GeneralizedRCNN.inference, split the same way
         from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 
-        feats = t("backbone", model.backbone, images.tensor)
+        with autocast_for(model, dtype):
+            feats = t("backbone", model.backbone, images.tensor)
 
-        def heads():
-            proposals, _ = model.proposal_generator(images, feats, None)
-            results, _ = model.roi_heads(images, feats, proposals, None)
-            return results
+            def heads():
+                proposals, _ = model.proposal_generator(images, feats, None)
+                results, _ = model.roi_heads(images, feats, proposals, None)
+                return results
 
-        results = t("heads", heads)
+            results = t("heads", heads)
         out = t("postprocess", GeneralizedRCNN._postprocess, results, batch, images.image_sizes)
     return sum(len(o["instances"]) for o in out)
 
@@ -184,7 +206,11 @@ def train_stages(model, batch, t: Timer, amp=False):
     from detectron2.utils.events import EventStorage
 
     model.zero_grad(set_to_none=True)
-    ctx = torch.autocast("cuda") if amp else nullcontext()
+    # AMP as the trainer runs it: float16 on CUDA, bfloat16 on the CPU (no gradient scaler here:
+    # the step's time, not its numerics)
+    cuda = next(model.parameters()).device.type == "cuda"
+    ctx = (torch.autocast("cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.bfloat16)
+           if amp else nullcontext())
     with ctx, EventStorage():  # Mask R-CNN logs training statistics into it
         if is_solo(model):
             images = model.preprocess_image(batch)
@@ -229,13 +255,13 @@ def worker(a):
     import torch
 
     torch.set_num_threads(a.threads)
-    model = build(a.model, a.device, a.dtype)
+    model = build(a.model, a.device)  # inference dtypes: per variant below
     h, w = a.size
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device=a.device)
     calibrate_frozen_bn(model, image)
     cuda = a.device.startswith("cuda")
     result = {"model": a.model, "mode": a.mode, "size": [h, w], "device": a.device,
-              "threads": a.threads, "dtype": a.dtype}
+              "threads": a.threads}
     if cuda:
         result["device_name"] = torch.cuda.get_device_name()
 
@@ -258,12 +284,18 @@ def worker(a):
         print(json.dumps(result))
         return
 
+    # Variants of one model in this process, run in turn each round (interleaved: their ratios
+    # hold on a machine whose load changes): inference dtypes x batch sizes, or training
+    # without / with AMP.
     if a.mode == "train":
         model.train()
         batch = [{"image": image, "instances": gt_instances(h, w, a.instances, a.device)}]
+        amps = {"off": [False], "on": [True], "both": [False, True]}[
+            "on" if a.amp and a.train_amp == "off" else a.train_amp]
+        variants = [{"amp": amp} for amp in amps]
 
-        def step(t):
-            train_stages(model, batch, t, a.amp)
+        def step(t, v):
+            train_stages(model, batch, t, v["amp"])
 
     else:
         model.eval()
@@ -272,37 +304,136 @@ def worker(a):
         if thresh is not None:
             result["candidates"], result["score_thresh"] = a.candidates, thresh
             result["masks"] = a.masks
-        batch = [{"image": image}]
+        variants = []
+        for d in a.dtype:
+            if d == "float16" and not cuda:
+                print(f"# {a.model} float16 skipped: CUDA only (MODEL.SOLO.INFERENCE_DTYPE; CPU "
+                      "float16 autocast is not benchmarked)",
+                      file=sys.stderr)
+                continue
+            variants += [{"dtype": d, "batch": n} for n in a.batch]
+        outputs = {}
 
-        def step(t):
-            ctx = torch.autocast("cuda") if a.amp else nullcontext()
-            with torch.inference_mode(), ctx:
-                result["outputs"] = infer_stages(model, batch, t)
+        def step(t, v):
+            if is_solo(model):
+                model.inference_dtype = v["dtype"]
+            with torch.inference_mode():
+                outputs[id(v)] = infer_stages(model, [{"image": image}] * v["batch"], t, v["dtype"])
 
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
-    else:
-        before = _rss_mb()
-    stages = {}
-    totals = []
+    before = {}
+    totals = {id(v): [] for v in variants}
+    stages = {id(v): {} for v in variants}
+    peaks = {id(v): 0.0 for v in variants}
     for i in range(a.runs + 1):
-        t = Timer(a.device)
-        step(t)
-        if i:
-            totals.append(sum(t.times.values()))
-            for k, v in t.times.items():
-                stages.setdefault(k, []).append(v)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    result.update(_summary(totals))
-    result["runs"] = len(totals)
-    result["stages"] = {k: _summary(v) for k, v in stages.items()}
-    result["mem_before_mb"] = round(before, 1)
-    result["peak_mb"] = round(peak, 1)
-    result["peak_rise_mb"] = round(peak - before, 1)
-    print(json.dumps(result))
+        for v in variants:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before.setdefault(id(v), torch.cuda.memory_allocated() / 2**20)
+            else:
+                before.setdefault(id(v), _rss_mb())
+            t = Timer(a.device)
+            step(t, v)
+            peaks[id(v)] = max(peaks[id(v)], torch.cuda.max_memory_allocated() / 2**20 if cuda
+                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            if i:
+                totals[id(v)].append(sum(t.times.values()))
+                for k, val in t.times.items():
+                    stages[id(v)].setdefault(k, []).append(val)
+    for v in variants:
+        r = dict(result, **v)
+        r.update(_summary(totals[id(v)]))
+        r["runs"] = len(totals[id(v)])
+        r["stages"] = {k: _summary(x) for k, x in stages[id(v)].items()}
+        if a.mode != "train":
+            r["outputs"] = outputs[id(v)]
+        r["mem_before_mb"] = round(before[id(v)], 1)
+        r["peak_mb"] = round(peaks[id(v)], 1)
+        r["peak_rise_mb"] = round(peaks[id(v)] - before[id(v)], 1)
+        # CPU: the process's peak resident memory, so a later variant's includes earlier ones'
+        r["peak_scope"] = "variant" if cuda else "process"
+        r["interleaved_with"] = len(variants)
+        print(json.dumps(r))
+
+
+def sync_census(a):
+    """Host reads (syncs) per image of each model's inference, in this process (module docs)."""
+    import warnings
+
+    import torch
+    from solo_d2.modeling.layers import device_paths_on_cpu
+    from solo_d2.utils.sync_census import SyncCensus
+
+    torch.set_num_threads(a.threads)
+    cuda = a.device.startswith("cuda")
+    rows = []
+    for name in a.models or DEFAULT_MODELS:
+        if not available(name):
+            continue
+        model = build(name, a.device).eval()
+        h, w = a.size or MODELS[name][1]
+        image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device=a.device)
+        calibrate_frozen_bn(model, image)
+        force_candidates(model, image, a.candidates if is_solo(model) else None,
+                         object_masks=a.masks == "objects")
+        for n in a.batch:
+            batch = [{"image": image}] * n
+            paths = [("device", nullcontext)] if cuda else [("cpu", nullcontext), ("device", device_paths_on_cpu)]
+            for path, ctx in paths:
+                with torch.inference_mode(), ctx():
+                    infer_stages(model, batch, Timer(a.device))  # warm-up (constants, caches)
+                    row = {"model": name, "batch": n, "size": [h, w], "device": a.device,
+                           "paths": path, "candidates": a.candidates if is_solo(model) else None}
+                    for stage in ("postprocess", "inference"):
+                        if stage == "postprocess":
+                            counted = _postprocess_counted(model, batch)
+                        else:
+                            counted = lambda fn: fn(lambda: infer_stages(model, batch, Timer(a.device)))  # noqa: E731
+                        with SyncCensus() as census, warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            if cuda:
+                                torch.cuda.synchronize()
+                                torch.cuda.set_sync_debug_mode("warn")
+                            try:
+                                counted(lambda f: f())
+                            finally:
+                                if cuda:
+                                    torch.cuda.set_sync_debug_mode("default")
+                        row[stage] = {"census_per_image": census.total / n, "by_op": dict(census.counts)}
+                        if cuda:
+                            row[stage]["cuda_sync_warnings_per_image"] = sum(
+                                "synchroniz" in str(x.message) for x in caught) / n
+                rows.append(row)
+                print(f"{name:20s} batch {n} {path:6s} paths: syncs per image: postprocess "
+                      f"{row['postprocess']['census_per_image']:.1f}, whole inference "
+                      f"{row['inference']['census_per_image']:.1f}"
+                      + (f" (cuda: {row['postprocess']['cuda_sync_warnings_per_image']:.1f}, "
+                         f"{row['inference']['cuda_sync_warnings_per_image']:.1f})" if cuda else "")
+                      + f"  {row['postprocess']['by_op']}", flush=True)
+    return rows
+
+
+def _postprocess_counted(model, batch):
+    """Runs what comes before post-processing now (uncounted), and returns ``counted(run)``:
+    ``run(f)`` calls ``f``, the post-processing, inside the census. SOLO: ``inference_from_outputs``
+    (its heads' ``mask_fn`` included). Mask R-CNN: proposals, box and mask heads and
+    ``_postprocess`` (its NMS is in its heads)."""
+    images = model.preprocess_image(batch)
+    if is_solo(model):
+        with model.inference_autocast():
+            feats = model.run_backbone(images.tensor)
+            cate, mask_feats = model.float_outputs(*model.head([feats[f] for f in model.in_features]))
+        return lambda run: run(lambda: model.inference_from_outputs(cate, mask_feats, images, batch))
+    from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
+
+    feats = model.backbone(images.tensor)
+
+    def post():
+        proposals, _ = model.proposal_generator(images, feats, None)
+        results, _ = model.roi_heads(images, feats, proposals, None)
+        return GeneralizedRCNN._postprocess(results, batch, images.image_sizes)
+
+    return lambda run: run(post)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,14 +445,18 @@ def run_worker(model, mode, a):
         sys.executable, __file__, "_worker", "--model", model, "--mode", mode,
         "--size", str(size[0]), str(size[1]), "--runs", str(a.runs), "--threads", str(a.threads),
         "--instances", str(a.instances), "--device", a.device,
-        "--counts", *[str(c) for c in a.counts], "--dtype", a.dtype,
+        "--counts", *[str(c) for c in a.counts], "--dtype", *a.dtype,
+        "--batch", *[str(n) for n in a.batch], "--train-amp", a.train_amp,
         "--candidates", str(a.candidates), "--masks", a.masks,
     ] + (["--amp"] if a.amp else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"benchmark of {model} ({mode}) failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    for line in proc.stderr.splitlines():
+        if line.startswith("# "):
+            print(line[2:], flush=True)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def _ms(x):
@@ -343,7 +478,9 @@ def report(r):
         extra = f"  postprocess share {100 * post:.1f}%  outputs {r['outputs']}"
         if "candidates" in r:
             extra += f"  candidates {r['candidates']} ({r.get('masks', 'random')} masks)"
-    print(f"{r['model']:20s} {r['mode']:6s} {size} {r.get('dtype', 'float32')} "
+    variant = (f"amp {'on' if r['amp'] else 'off'}" if "amp" in r
+               else f"{r.get('dtype', 'float32')} batch {r.get('batch', 1)}")
+    print(f"{r['model']:20s} {r['mode']:6s} {size} {variant} "
           f"threads {r['threads']}  median {_ms(r['median_s'])} ms "
           f"(min {_ms(r['min_s']).strip()}, max {_ms(r['max_s']).strip()}, n={r['runs']})  "
           f"peak {r['peak_mb']:8.1f} MB (rise {r['peak_rise_mb']:.1f})  [{stages}]" + extra,
@@ -352,7 +489,8 @@ def report(r):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["memory", "latency", "train", "targets", "scaling", "all", "_worker"])
+    p.add_argument("what", choices=["memory", "latency", "train", "targets", "scaling", "syncs", "all",
+                                    "_worker"])
     p.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
     p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"))
     p.add_argument("--runs", type=int, default=None, help="timed runs after one warm-up")
@@ -360,9 +498,15 @@ def main(argv=None):
     p.add_argument("--instances", type=int, default=10)
     p.add_argument("--counts", nargs="+", type=int, default=[1, 10, 50, 200])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", action="store_true")
-    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                   help="SOLO models' MODEL.SOLO.INFERENCE_DTYPE (several: each in turn, same run)")
+    p.add_argument("--amp", action="store_true",
+                   help="training steps under AMP (float16 on CUDA, bfloat16 on the CPU)")
+    p.add_argument("--train-amp", default="off", choices=["off", "on", "both"],
+                   help="training steps without AMP, with it, or both (in turn, one process)")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"],
+                   help="inference dtypes: SOLO models' MODEL.SOLO.INFERENCE_DTYPE, Mask R-CNN's "
+                        "autocast (several: in turn, one process per model); float16: CUDA only")
+    p.add_argument("--batch", nargs="+", type=int, default=[1],
+                   help="inference batch sizes (copies of the image; in turn, one process per model)")
     p.add_argument("--masks", default="random", choices=["random", "objects"],
                    help="SOLO candidates' mask values: as the random weights give them, or "
                         "object-like (tools/_common.py force_candidates)")
@@ -374,8 +518,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.what == "_worker":
         a.runs = a.runs or 5
-        a.dtype = a.dtype[0]
         return worker(a)
+    if a.what == "syncs":
+        rows = sync_census(a)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1))
+        return rows
 
     plan = {
         "memory": [("train", 5), ("infer", 5)],
@@ -395,22 +543,20 @@ def main(argv=None):
             for mode, runs in plan[what]:
                 if what == "targets" and model in ("MaskRCNN",):
                     continue
-                dtypes = a.dtype if model != "MaskRCNN" else ["float32"]
-                variants = [{"dtype": d} for d in dtypes]
+                variants = [{}]  # the dtypes and batch sizes run in one process, interleaved
                 if what == "scaling":
-                    variants = [{"dtype": d, "size": s} for d in dtypes for s in SCALING_SIZES]
+                    variants = [{"size": s} for s in SCALING_SIZES]
                     if model != "MaskRCNN":
-                        variants += [{"dtype": d, "candidates": c} for d in dtypes
-                                     for c in SCALING_CANDIDATES if c != a.candidates]
+                        variants += [{"candidates": c} for c in SCALING_CANDIDATES if c != a.candidates]
                 for v in variants:
                     sub = argparse.Namespace(**vars(a))
                     sub.runs = a.runs or runs
                     for k, val in v.items():
                         setattr(sub, k, val)
-                    r = run_worker(model, mode, sub)
-                    r["what"] = what
-                    results.append(r)
-                    report(r)
+                    for r in run_worker(model, mode, sub):
+                        r["what"] = what
+                        results.append(r)
+                        report(r)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return results

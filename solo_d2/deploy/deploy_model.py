@@ -51,7 +51,9 @@ class SOLODeployModel(nn.Module):
         # The backbone in the standard memory layout (MODEL.SOLO.CHANNELS_LAST is a CPU speed
         # option of eager PyTorch; its layout checks would fix small sizes when exporting).
         features = m.backbone(x)
-        cate_logits, mask_feats = m.head([features[f] for f in m.in_features])
+        # In float32 (a caller's autocast may have run the head in float16 or bfloat16): the
+        # post-processor runs with autocast off (float16 overflows on mask areas).
+        cate_logits, mask_feats = m.float_outputs(*m.head([features[f] for f in m.in_features]))
         mask_size = m.head.mask_size(mask_feats[0])
 
         def mask_fn(level, cells):

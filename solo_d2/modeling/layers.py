@@ -5,7 +5,10 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-__all__ = ["linspace_unit", "coordinate_maps", "coord_features", "DeformConv", "DeformConv3x3", "masks_to_boxes", "as_uint8"]
+__all__ = [
+    "linspace_unit", "coordinate_maps", "coord_features", "DeformConv", "DeformConv3x3", "masks_to_boxes",
+    "as_uint8", "host_reads_are_free", "device_paths_on_cpu", "read_on_host",
+]
 
 
 def as_uint8(masks: torch.Tensor) -> torch.Tensor:
@@ -185,3 +188,38 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     y1 = torch.where(rows, ys, -1).amax(dim=1) + 1
     boxes = torch.stack([x0, y0, x1, y1], dim=1).to(torch.float32)
     return boxes * cols.any(dim=1, keepdim=True)
+
+
+# ---- where reading a tensor's values on the host is free ----------------------------------------
+_DEVICE_PATHS_ON_CPU = [False]
+
+
+def host_reads_are_free(device) -> bool:
+    """Whether code on ``device``'s tensors may read their values on the host (``nonzero``,
+    ``unique``, ``int(t)``, ``tolist``) without a cost: True on the CPU, where the host is the
+    device (the post-processing and the heads then take their CPU-tuned paths: per-class Matrix
+    NMS products, per-mask paste windows, de-duplicated SOLOv2 cells); False on an accelerator,
+    where each read waits for every queued kernel (a host-device sync), so the paths with a
+    bounded number of reads are taken. :func:`device_paths_on_cpu` makes the CPU take the
+    accelerator's paths (to count their syncs, or compare their results, on a CPU)."""
+    return torch.device(device).type == "cpu" and not _DEVICE_PATHS_ON_CPU[0]
+
+
+class device_paths_on_cpu:
+    """Context manager: inside it, :func:`host_reads_are_free` is False on the CPU too."""
+
+    def __enter__(self):
+        self._old = _DEVICE_PATHS_ON_CPU[0]
+        _DEVICE_PATHS_ON_CPU[0] = True
+        return self
+
+    def __exit__(self, *exc):
+        _DEVICE_PATHS_ON_CPU[0] = self._old
+        return False
+
+
+def read_on_host(t: torch.Tensor) -> list:
+    """``t``'s values as a Python list, through one explicit copy to the host (on an accelerator
+    a blocking device-to-host copy: one sync). The copy is explicit on the CPU too, so that a
+    sync census (:mod:`solo_d2.utils.sync_census`) counts it there."""
+    return t.to("cpu", copy=True).tolist()

@@ -23,7 +23,7 @@ random masks, masks touching the border, exact ties, odd and resized output size
 Contract of both: ``soft`` (R, H0, W0) float32 probabilities in [0, 1]; returns (R, height,
 width) bool on ``soft``'s device.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -192,14 +192,18 @@ def paste_masks(
     image_size: Tuple[int, int],
     output_size: Tuple[int, int],
     thresh: float,
+    box_limited: Optional[bool] = None,
 ) -> torch.Tensor:
-    """The paste used at inference: :func:`paste_masks_in_boxes` on the CPU, where the work
-    saved dominates; :func:`paste_masks_full` elsewhere (on a GPU the full paste is a few
-    large kernels, the box-limited one a Python loop of small ones; not measured there). Both
-    give the same masks. Exporting (torch.export, ONNX, tracing) uses the full paste."""
+    """The paste used at inference: :func:`paste_masks_in_boxes` with ``box_limited`` (default:
+    on the CPU, where the work saved dominates; it reads each mask's window on the host, a
+    sync per mask elsewhere); :func:`paste_masks_full` otherwise (on a GPU the full paste is a
+    few large kernels and no host read). Both give the same masks. Exporting (torch.export,
+    ONNX, tracing) uses the full paste."""
     exporting = (
         torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
     )
-    if soft.device.type == "cpu" and not exporting:
+    if box_limited is None:
+        box_limited = soft.device.type == "cpu"
+    if box_limited and not exporting:
         return paste_masks_in_boxes(soft, padded_size, image_size, output_size, thresh)
     return paste_masks_full(soft, padded_size, image_size, output_size, thresh)

@@ -30,11 +30,37 @@ from .losses import category_loss, mask_loss
 from .postprocessing import SOLOPostProcessor
 from .targets import LevelTargets, SOLOTargetGenerator
 
-__all__ = ["SOLO"]
+__all__ = ["SOLO", "channels_last_pays"]
 
 #: The precisions backbone and head run in at inference, and the autocast dtype of each (None: no
 #: autocast). MODEL.SOLO.INFERENCE_DTYPE also takes "auto" (:func:`inference_dtype_of`).
-INFERENCE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+INFERENCE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_inference_dtype(inference_dtype: str, device) -> None:
+    """``MODEL.SOLO.INFERENCE_DTYPE`` is known, and float16 runs on CUDA only: CPU float16
+    autocast is slow and its convolutions are not float16 kernels there; bfloat16 is the CPU's
+    reduced precision. Raises ValueError naming the key."""
+    if inference_dtype not in INFERENCE_DTYPES:
+        raise ValueError(
+            f"MODEL.SOLO.INFERENCE_DTYPE must be one of {sorted(INFERENCE_DTYPES)}, got "
+            f"{inference_dtype!r}"
+        )
+    if inference_dtype == "float16" and torch.device(device).type != "cuda":
+        raise ValueError(
+            f"MODEL.SOLO.INFERENCE_DTYPE float16 needs a CUDA device (the model is on "
+            f"{torch.device(device).type!r}, MODEL.DEVICE): use bfloat16 on the CPU, or float32"
+        )
+
+
+def channels_last_pays(channels_last: bool, device, norm: str) -> bool:
+    """Whether ``MODEL.SOLO.CHANNELS_LAST`` is applied (the one place that decides): the key,
+    except on CUDA with GroupNorm in the head (``MODEL.SOLO.NORM`` "GN"), where CUDA's
+    GroupNorm takes standard-layout inputs, so each of the head's GN layers would copy its input
+    and output (unmeasured on a GPU; on the CPU channels-last is faster, BENCHMARKS.md)."""
+    if not channels_last:
+        return False
+    return not (torch.device(device).type == "cuda" and norm == "GN")
 
 
 def inference_dtype_of(cfg) -> str:
@@ -43,16 +69,15 @@ def inference_dtype_of(cfg) -> str:
     it natively, else float32; a named dtype is used as asked
     (:func:`solo_d2.config.autocast_dtype` decides, and logs why it falls back or warns)."""
     name = cfg.MODEL.SOLO.INFERENCE_DTYPE
-    if name not in ("auto", *INFERENCE_DTYPES):
+    device = cfg.MODEL.DEVICE
+    if name == "auto":
+        name = "float16" if torch.device(device).type == "cuda" else "bfloat16"
+    elif name not in INFERENCE_DTYPES:
         raise ValueError(
             f"MODEL.SOLO.INFERENCE_DTYPE must be one of {['auto'] + sorted(INFERENCE_DTYPES)}, "
             f"got {name!r}"
         )
-    device = cfg.MODEL.DEVICE
-    if name == "auto":
-        name = "float16" if torch.device(device).type == "cuda" else "bfloat16"
-        if name not in INFERENCE_DTYPES:
-            name = "float32"
+    check_inference_dtype(name, device)
     dtype = autocast_dtype(name, device, key="MODEL.SOLO.INFERENCE_DTYPE",
                            explicit=cfg.MODEL.SOLO.INFERENCE_DTYPE != "auto")
     return "float32" if dtype is None else name
@@ -109,7 +134,9 @@ class SOLO(nn.Module):
             channels_last: run the backbone and the head's convolutions in channels-last memory
                 format (the head's outputs are standard-layout tensors either way).
             inference_dtype: a key of :data:`INFERENCE_DTYPES` (:meth:`from_config` resolves
-                the config's "auto"): backbone and head at inference under autocast in that dtype (:meth:`inference_autocast`); post-processing in float32.
+                the config's "auto"; "float16" on CUDA only): backbone and head at inference
+                under autocast in that dtype (:meth:`inference_autocast`); post-processing in
+                float32 with autocast off.
             Others: see :mod:`solo_d2.config`.
         """
         super().__init__()
@@ -159,6 +186,7 @@ class SOLO(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         sc = cfg.MODEL.SOLO
+        inference_dtype = inference_dtype_of(cfg)
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
@@ -182,8 +210,8 @@ class SOLO(nn.Module):
             "loss_mask_weight": sc.LOSS_MASK_WEIGHT,
             "focal_loss_alpha": sc.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": sc.FOCAL_LOSS_GAMMA,
-            "channels_last": sc.CHANNELS_LAST,
-            "inference_dtype": inference_dtype_of(cfg),
+            "channels_last": channels_last_pays(sc.CHANNELS_LAST, cfg.MODEL.DEVICE, sc.NORM),
+            "inference_dtype": inference_dtype,
         }
 
     @property
@@ -243,10 +271,12 @@ class SOLO(nn.Module):
         return results
 
     def inference_autocast(self):
-        """The context backbone and head run in at inference: autocast in bfloat16 on the
-        model's device for ``inference_dtype`` "bfloat16", else none."""
+        """The context backbone and head run in at inference: autocast in ``inference_dtype``
+        on the model's device, none for "float32". float16 on a non-CUDA device (a model moved
+        after it was built) raises ValueError (:func:`check_inference_dtype`)."""
         if self.inference_dtype == "float32":
             return nullcontext()
+        check_inference_dtype(self.inference_dtype, self.device)
         return torch.autocast(self.device.type, dtype=INFERENCE_DTYPES[self.inference_dtype])
 
     @staticmethod
@@ -321,7 +351,8 @@ class SOLO(nn.Module):
     ) -> List[Dict[str, Instances]]:
         """Post-processing of the head outputs, per image, in float32, outside any autocast
         the caller runs (float16 cannot hold mask areas and intersections above 65,504
-        pixels; the post-processor's gathers expect float32 masks)."""
+        pixels; the post-processor's gathers expect float32 masks). The post-processor turns
+        autocast off itself too, for its other callers."""
         with torch.autocast(self.device.type, enabled=False):
             cate_logits, mask_feats = self.float_outputs(cate_logits, mask_feats)
             return self._postprocess_images(cate_logits, mask_feats, images, batched_inputs)

@@ -9,6 +9,7 @@ image, resized to the requested output size and thresholded. Boxes are derived f
 masks. ``nms_pre_before_masks`` (opt-in) takes the top ``nms_pre`` by category score before
 forming masks instead, which bounds the masks formed (BENCHMARKS.md).
 """
+from contextlib import nullcontext
 from typing import Callable, List, Sequence, Tuple
 
 import torch
@@ -16,10 +17,19 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from .layers import masks_to_boxes
+from .layers import host_reads_are_free, masks_to_boxes, read_on_host
 from .mask_paste import paste_masks
 
-__all__ = ["point_nms", "matrix_nms", "category_strides", "SOLOPostProcessor"]
+__all__ = ["point_nms", "matrix_nms", "category_strides", "SOLOPostProcessor", "float32_region"]
+
+
+def float32_region(device: torch.device):
+    """The context post-processing runs in: autocast off on ``device``'s type, whatever the
+    caller runs under (a float16 ``mm`` of masks above 65,504 pixels overflows to inf, and
+    inf * 0 gives NaN scores). Nothing while exporting or tracing (the graph has no autocast)."""
+    if torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def category_strides(feature_strides: Sequence[int]) -> List[int]:
@@ -61,9 +71,17 @@ def matrix_nms(
             ((1 - iou) / (1 - comp)).
     Returns:
         (K,) float: the decayed scores.
+
+    Runs with autocast off (:func:`float32_region`), whoever calls it: areas and intersections
+    exceed float16's range.
     """
+    with float32_region(masks.device):
+        return _matrix_nms(masks, labels, scores.float(), kernel, sigma)
+
+
+def _matrix_nms(masks, labels, scores, kernel, sigma):
     k = masks.shape[0]
-    flat = masks.flatten(1).float()  # float32 even under autocast: areas exceed fp16
+    flat = masks.flatten(1).float()  # float32: areas exceed float16
     area = flat.sum(1)
     inter = _same_class_intersections(flat, labels)
     union = area[:, None] + area[None, :] - inter
@@ -91,12 +109,19 @@ def _same_class_intersections(flat: torch.Tensor, labels: torch.Tensor) -> torch
     """(K, P) float 0/1 masks, (K,) labels -> (K, K) float pixel intersections; entries of pairs
     of different classes may be 0 (Matrix NMS ignores them).
 
-    An exported graph computes every pair (one product, static shapes). In eager mode only the
-    pairs of each class present are computed (one product per class: with candidates spread over
-    C classes, about 1/C of the work). The counts are integers below 2^24, exact in float32 in
-    any summation order, so both give the same same-class entries.
+    An exported graph, and an accelerator (:func:`host_reads_are_free` False), compute every
+    pair in one product (static shapes, no host read; Matrix NMS masks out the pairs of
+    different classes). On the CPU only the pairs of each class present are computed (one
+    product per class: with candidates spread over C classes, about 1/C of the work, at the
+    cost of reading the classes on the host). The counts are integers below 2^24 from 0/1
+    inputs, exact in float32 (TF32 too: 0/1 is exact in its 10-bit mantissa, and it
+    accumulates in float32) in any summation order, so both give the same same-class entries.
     """
-    if torch.compiler.is_exporting() or flat.shape[0] == 0:
+    if (
+        torch.compiler.is_exporting()
+        or flat.shape[0] == 0
+        or not host_reads_are_free(flat.device)
+    ):
         return flat @ flat.t()
     classes = labels.unique()
     if classes.numel() == 1:
@@ -162,6 +187,18 @@ class SOLOPostProcessor:
         self.update_thresh = update_thresh
         self.max_per_image = max_per_image
         self.nms_pre_before_masks = nms_pre_before_masks
+        self._constants = {}  # (device, dtype) -> min_areas tensor, made once per device
+
+    def min_areas_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(L,) ``min_areas`` as a tensor on ``device``, made once per (device, dtype): no
+        host-to-device copy per call. Not cached while exporting (a graph constant)."""
+        if torch.compiler.is_exporting():
+            return torch.as_tensor(self.min_areas, device=device, dtype=dtype)
+        key = (torch.device(device), dtype)
+        if key not in self._constants:
+            with torch.inference_mode(False):  # a normal tensor, usable outside inference mode
+                self._constants[key] = torch.as_tensor(self.min_areas, dtype=dtype).to(device)
+        return self._constants[key]
 
     @classmethod
     def from_config(cls, cfg, feature_strides: Sequence[int]):
@@ -234,7 +271,19 @@ class SOLOPostProcessor:
         result, :meth:`_top_rescored_in_chunks`), sizes that depend on the data only through
         ``nonzero``, and the levels handled by one call of ``mask_fn`` per level (a static
         loop) on that level's candidates (possibly none).
+
+        Runs with autocast off (:func:`float32_region`) whoever calls it, in float32. Host
+        reads (syncs on an accelerator) are bounded: on a device whose host reads are not free
+        (:func:`~solo_d2.modeling.layers.host_reads_are_free`), 4 (candidates, their level
+        counts, the area filter, the update threshold), or 5 plus 1 per rescoring chunk when
+        more than ``nms_pre`` candidates are rescored (one chunk there, up to about 4,000
+        candidates at 800 x 1333), whatever the number of classes (tests/test_sync_census.py).
         """
+        with float32_region(cate_logits[0].device):
+            return self._predict(cate_logits, mask_fn, mask_size, padded_size, image_size,
+                                 output_size)
+
+    def _predict(self, cate_logits, mask_fn, mask_size, padded_size, image_size, output_size):
         device = cate_logits[0].device
         c = self.num_classes
         # float32 throughout (areas and IoUs overflow fp16 when the model runs under autocast)
@@ -256,12 +305,16 @@ class SOLOPostProcessor:
             scores, row, cls = scores[top], row[top], cls[top]
         levels, cells = level_of[row], cell_of[row]
 
+        # Candidates in (cell, class) order are in level order (cells are numbered level by
+        # level); a top-k by score is not.
+        by_level = not self.nms_pre_before_masks
         if not torch.compiler.is_exporting() and scores.numel() > self.nms_pre:
             # Eager only (an exported graph forms all candidates' masks at once): bound the
             # memory of many candidates; the result is the same.
-            top = self._top_rescored_in_chunks(scores, levels, cells, mask_fn, mask_size)
+            top = self._top_rescored_in_chunks(scores, levels, cells, mask_fn, mask_size, by_level)
             scores, cls, levels, cells = scores[top], cls[top], levels[top], cells[top]
-        soft = self._soft_masks(levels, cells, mask_fn, mask_size)
+            by_level = False
+        soft = self._soft_masks(levels, cells, mask_fn, mask_size, by_level)
         scores, kept, binary = self._rescore(scores, levels, soft)
 
         # Indices into the candidates are composed; the big mask tensors are gathered once.
@@ -278,47 +331,77 @@ class SOLOPostProcessor:
         masks = self.paste_masks(soft, padded_size, image_size, output_size)
         return masks, scores.float(), cls.long(), masks_to_boxes(masks)
 
-    #: candidates whose masks are formed at once when more than ``nms_pre`` must be rescored
+    #: candidates whose masks are formed at once on the CPU when more than ``nms_pre`` must be
+    #: rescored (256 masks of 200 x 336 floats: 69 MB)
     RESCORE_CHUNK = 256
+    #: bytes of soft masks formed at once on an accelerator when rescoring (1 GiB: about 4,000
+    #: candidates at 800 x 1333, so one chunk, one host read, for any usual count)
+    RESCORE_BYTES_DEVICE = 2**30
 
-    def _top_rescored_in_chunks(self, scores, levels, cells, mask_fn, mask_size):
+    def rescore_chunk(self, device: torch.device, mask_size: Tuple[int, int]) -> int:
+        """Candidates rescored at once: ``RESCORE_CHUNK`` on the CPU (its memory and caches);
+        on an accelerator as many as ``RESCORE_BYTES_DEVICE`` of float32 soft masks hold (at
+        least ``RESCORE_CHUNK``), since each chunk costs a host read (a sync)."""
+        if host_reads_are_free(device):
+            return self.RESCORE_CHUNK
+        per_mask = 4 * int(mask_size[0]) * int(mask_size[1])
+        return max(self.RESCORE_CHUNK, self.RESCORE_BYTES_DEVICE // max(per_mask, 1))
+
+    def _top_rescored_in_chunks(self, scores, levels, cells, mask_fn, mask_size, by_level):
         """Indices of the (at most) ``nms_pre`` candidates that pass the area filter with the
         best rescored scores, best first (ties: candidate order): the candidates are rescored
-        ``RESCORE_CHUNK`` at a time without keeping their masks (all at once can take
+        :meth:`rescore_chunk` at a time without keeping their masks (all at once can take
         gigabytes), so only the kept ones' masks are formed again. Same selection and order as
         rescoring all of them at once."""
-        chunk = self.RESCORE_CHUNK
+        chunk = self.rescore_chunk(scores.device, mask_size)
         parts = []
         for i in range(0, scores.numel(), chunk):
             s, lv = scores[i : i + chunk], levels[i : i + chunk]
-            parts.append(self._rescore(s, lv, self._soft_masks(lv, cells[i : i + chunk], mask_fn, mask_size))[:2])
+            soft = self._soft_masks(lv, cells[i : i + chunk], mask_fn, mask_size, by_level)
+            parts.append(self._rescore(s, lv, soft)[:2])
         rescored = torch.cat([r for r, _ in parts])
         top = torch.cat([k for _, k in parts]).nonzero().squeeze(1)
         return top[rescored[top].sort(descending=True, stable=True).indices[: self.nms_pre]]
 
-    def _soft_masks(self, levels, cells, mask_fn, mask_size):
-        """(K, H_0, W_0) float soft masks of candidates in any order of levels: one
-        ``mask_fn`` call per level on that level's candidates (when exporting, also for a level
-        with none, since the count is not known). The levels' masks are concatenated once; in
-        eager mode, candidates already in level order (the default path) need no reordering."""
-        exporting = torch.compiler.is_exporting()
-        parts, sels = [], []
-        for level in range(len(self.num_grids)):
-            sel = (levels == level).nonzero().squeeze(1)
-            if not exporting and sel.numel() == 0:
-                continue  # eager: no work for an empty level (a graph calls mask_fn with none)
-            m = mask_fn(level, cells[sel]).float()
-            if m.shape[-2:] != tuple(mask_size):
-                m = F.interpolate(m[:, None], size=tuple(mask_size), mode="bilinear")[:, 0]
-            parts.append(m)
-            sels.append(sel)
+    def _soft_masks(self, levels, cells, mask_fn, mask_size, by_level=False):
+        """(K, H_0, W_0) float soft masks of candidates in any order of levels (``by_level``:
+        the caller knows they are in level order): one ``mask_fn`` call per level on that
+        level's candidates, the levels' masks concatenated once.
+
+        Eager: the candidates' level counts are read on the host once (one sync), the
+        candidates are put in level order on the device when they are not, and a level without
+        candidates costs nothing. Exporting: each level's candidates from ``nonzero`` and a
+        ``mask_fn`` call for every level (the counts are not known)."""
+        if torch.compiler.is_exporting():
+            parts, sels = [], []
+            for level in range(len(self.num_grids)):
+                sel = (levels == level).nonzero().squeeze(1)
+                parts.append(self._level_masks(mask_fn, level, cells[sel], mask_size))
+                sels.append(sel)
+            stacked, order = torch.cat(parts), torch.cat(sels)
+            return stacked.new_empty(stacked.shape).index_put((order,), stacked)
+        order = None if by_level else levels.argsort(stable=True)
+        counts = read_on_host(torch.bincount(levels, minlength=len(self.num_grids)))
+        in_order = cells if order is None else cells[order]
+        parts = [
+            self._level_masks(mask_fn, level, c, mask_size)
+            for level, c in enumerate(in_order.split(counts))
+            if c.numel()
+        ]
         if not parts:
             return torch.zeros((cells.shape[0], *mask_size), device=cells.device)
         stacked = torch.cat(parts) if len(parts) > 1 else parts[0]
-        order = torch.cat(sels)  # candidate index of each row of `stacked` (a permutation)
-        if not exporting and bool((order[1:] > order[:-1]).all()):
-            return stacked  # order == arange(K)
+        if order is None:
+            return stacked
         return stacked.new_empty(stacked.shape).index_put((order,), stacked)
+
+    @staticmethod
+    def _level_masks(mask_fn, level, cells, mask_size):
+        """``mask_fn``'s float masks of one level's cells, at ``mask_size``."""
+        m = mask_fn(level, cells).float()
+        if m.shape[-2:] != tuple(mask_size):
+            m = F.interpolate(m[:, None], size=tuple(mask_size), mode="bilinear")[:, 0]
+        return m
 
     def _rescore(self, scores, levels, soft):
         """Area filter and maskness rescoring of candidates with soft masks ``soft``.
@@ -329,7 +412,7 @@ class SOLOPostProcessor:
         """
         binary, area, mass = self._binary_area_mass(soft)
         area = area.to(scores.dtype)
-        min_areas = torch.as_tensor(self.min_areas, device=scores.device, dtype=scores.dtype)
+        min_areas = self.min_areas_on(scores.device, scores.dtype)
         maskness = mass / area.clamp(min=1)
         return scores * maskness, area > min_areas[levels], binary
 
@@ -363,5 +446,7 @@ class SOLOPostProcessor:
     def paste_masks(self, soft, padded_size, image_size, output_size):
         """(R, H0, W0) soft masks -> (R, height, width) bool: upsample to the padded input,
         crop to the image, resize to the output size, threshold (:mod:`.mask_paste`: on the CPU
-        only inside each mask's reachable window, with the same result)."""
-        return paste_masks(soft, padded_size, image_size, output_size, self.mask_thresh)
+        only inside each mask's reachable window, with the same result; it reads each window's
+        bounds on the host, so only where host reads are free)."""
+        return paste_masks(soft, padded_size, image_size, output_size, self.mask_thresh,
+                           box_limited=host_reads_are_free(soft.device))

@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from fvcore.nn import weight_init
 from torch import nn
 
-from .layers import coord_features
+from .layers import coord_features, host_reads_are_free
 from .mask_feature_head import MaskFeatureHead
 from .solo_head import SOLO_HEAD_REGISTRY, BaseSOLOHead, resize_probs, tower
 
@@ -157,8 +157,18 @@ class SOLOv2Head(BaseSOLOHead):
     def mask_probs(self, mask_feat, level, img_idx, cell_idx, out_size=None):
         kernels, feat = mask_feat
         s2 = kernels.shape[-2] * kernels.shape[-1]
-        # Each distinct (image, cell) once: at inference one cell is a candidate for every class
-        # above the score threshold.
+        exporting = torch.compiler.is_exporting()
+        if not exporting and not host_reads_are_free(kernels.device):
+            # Every requested cell's mask (a cell above the threshold for two classes twice): no
+            # host read of the cells (a sync per level on an accelerator).
+            chosen = kernels.flatten(2)[img_idx, :, cell_idx]  # (K, D)
+            out = self.rows_per_image(
+                kernels.shape[0], img_idx,
+                lambda b, sel: self._masks(chosen[sel], feat[b : b + 1]), feat,
+            )
+            return resize_probs(out.sigmoid(), out_size)
+        # CPU (and exported graphs): each distinct (image, cell) once: at inference one cell is
+        # a candidate for every class above the score threshold.
         key, inverse = torch.unique(img_idx * s2 + cell_idx, return_inverse=True)
         img_u, cell_u = key // s2, key % s2
         chosen = kernels.flatten(2)[img_u, :, cell_u]  # (U, D)
@@ -166,7 +176,7 @@ class SOLOv2Head(BaseSOLOHead):
             kernels.shape[0], img_u, lambda b, sel: self._masks(chosen[sel], feat[b : b + 1]), feat
         )
         probs = resize_probs(out.sigmoid(), out_size)
-        if not torch.compiler.is_exporting() and torch.equal(
+        if not exporting and torch.equal(
             inverse, torch.arange(inverse.numel(), device=inverse.device)
         ):
             return probs  # the cells were distinct and in order: no gather (eager)

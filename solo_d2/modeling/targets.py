@@ -55,18 +55,42 @@ class LevelTargets:
 
 
 def _gt_bitmasks(inst: Instances, canvas: Tuple[int, int]) -> torch.Tensor:
-    """(I, h, w) bool masks of one image's instances (image size, not padded)."""
+    """(I, h, w) bool masks of one image's instances (image size, not padded), on the device of
+    ``inst.gt_classes`` (the model's): polygons are rasterised on the host (Detectron2's
+    ``BitMasks.from_polygon_masks``, pycocotools) and moved there."""
     gt = inst.gt_masks
     h, w = inst.image_size
+    device = inst.gt_classes.device
     if isinstance(gt, PolygonMasks):
-        gt = BitMasks.from_polygon_masks(gt, h, w).tensor
+        gt = BitMasks.from_polygon_masks(gt, h, w).tensor.to(device)
     elif isinstance(gt, BitMasks):
         gt = gt.tensor
     if gt.dim() != 3:
         raise ValueError(f"gt_masks must be (I, H, W), got shape {tuple(gt.shape)}")
     if gt.shape[1] > canvas[0] or gt.shape[2] > canvas[1]:
         raise ValueError(f"gt_masks of size {tuple(gt.shape[1:])} exceed the batch canvas {canvas}")
-    return gt.bool()
+    return gt.to(device).bool()
+
+
+def _instance_geometry(inst: Instances, canvas: Tuple[int, int]):
+    """One image's instances: ``(masks, area, cy, cx, bw, bh)``, all on ``inst.gt_classes``'s
+    device: (I, h, w) bool masks; (I,) float64 areas and mass centres (pixel-index coordinates;
+    float64: index sums of large masks exceed float32); (I,) float32 box widths and heights
+    (``gt_boxes``, else the masks' extents, Detectron2's convention: x1 = last column + 1)."""
+    device = inst.gt_classes.device
+    m = _gt_bitmasks(inst, canvas)
+    rows, cols = _row_col_sums(m)
+    a = rows.sum(dim=1).to(torch.float64)
+    ys = torch.arange(m.shape[1], device=device, dtype=torch.float64)
+    xs = torch.arange(m.shape[2], device=device, dtype=torch.float64)
+    cy = rows.to(torch.float64) @ ys / a.clamp(min=1)
+    cx = cols.to(torch.float64) @ xs / a.clamp(min=1)
+    if inst.has("gt_boxes"):
+        box = inst.gt_boxes.tensor.to(device, torch.float32)
+        bw, bh = box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]
+    else:
+        bw, bh = _extent(cols > 0), _extent(rows > 0)
+    return m, a, cy, cx, bw, bh
 
 
 def _row_col_sums(masks: torch.Tensor):
@@ -142,29 +166,14 @@ class SOLOTargetGenerator:
         device = gt_instances[0].gt_classes.device if gt_instances else torch.device("cpu")
 
         # ---- all instances of the batch, in annotation order within each image ----
-        # Per-instance geometry comes from per-row and per-column counts of the (unpadded)
-        # masks: area, mass centre (float64: index sums of large masks exceed float32) and,
-        # when boxes are absent, extents.
+        # Per-instance geometry (:func:`_instance_geometry`) comes from per-row and per-column
+        # counts of the (unpadded) masks, on the instances' device.
         masks, classes, img_of, area, cy, cx, bw, bh = [], [], [], [], [], [], [], []
         for b, inst in enumerate(gt_instances):
             if len(inst) == 0:
                 continue
-            m = _gt_bitmasks(inst, canvas_size)
-            rows, cols = _row_col_sums(m)
-            a = rows.sum(dim=1).to(torch.float64)
-            ys = torch.arange(m.shape[1], device=device, dtype=torch.float64)
-            xs = torch.arange(m.shape[2], device=device, dtype=torch.float64)
-            masks.append(m)
-            area.append(a)
-            cy.append(rows.to(torch.float64) @ ys / a.clamp(min=1))
-            cx.append(cols.to(torch.float64) @ xs / a.clamp(min=1))
-            if inst.has("gt_boxes"):
-                box = inst.gt_boxes.tensor.to(torch.float32)
-                bw.append(box[:, 2] - box[:, 0])
-                bh.append(box[:, 3] - box[:, 1])
-            else:  # from the masks, Detectron2's convention (x1 = last column + 1)
-                bw.append(_extent(cols > 0))
-                bh.append(_extent(rows > 0))
+            for acc, x in zip((masks, area, cy, cx, bw, bh), _instance_geometry(inst, canvas_size)):
+                acc.append(x)
             classes.append(inst.gt_classes.to(torch.int64))
             img_of.append(torch.full((len(inst),), b, dtype=torch.int64, device=device))
 
