@@ -31,6 +31,8 @@ from numbers import Number
 
 import numpy as np
 
+from ..utils.cli import UserError
+
 __all__ = [
     "CocoDatasetError",
     "validate_coco_json",
@@ -44,7 +46,7 @@ logger = logging.getLogger(__name__)
 MAX_LISTED_PROBLEMS = 20
 
 
-class CocoDatasetError(ValueError):
+class CocoDatasetError(UserError, ValueError):
     """A COCO-format dataset (json or images) that cannot be used; the message names the file
     and the offending image / annotation ids."""
 
