@@ -25,9 +25,10 @@ This module uses the standard library only (``demo/onnx_demo.py`` loads it witho
 """
 import os
 import sys
-from typing import Callable, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
-__all__ = ["DEBUG_ENV", "UserError", "ConfigError", "add_debug_flag", "known_error_message", "run_main"]
+__all__ = ["DEBUG_ENV", "UserError", "ConfigError", "add_debug_flag", "known_error_message", "run_main",
+           "IMAGE_EXTENSIONS", "plan_outputs"]
 
 #: Environment variable that shows the traceback of known errors (1 / true / yes / on).
 DEBUG_ENV = "SOLO_D2_DEBUG"
@@ -95,3 +96,69 @@ def run_main(main: Callable[..., Optional[int]], argv: Optional[Sequence[str]] =
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0 if status is None else int(status) if isinstance(status, int) else 0
+
+
+#: File extensions cv2.imwrite can write; an ``--output`` without one of them is a folder.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def plan_outputs(inputs: Sequence[str], output: str, ext: Optional[str] = None) -> List[Tuple[str, str]]:
+    """``(input, output file)`` pairs for a demo that writes one drawing per input image.
+
+    ``output`` is a folder when it is an existing folder, ends with a slash, has no image file
+    extension (``IMAGE_EXTENSIONS``) or there are several inputs; a drawing is then named after
+    its input (extension ``ext``, e.g. ``".png"``, or the input's own). Inputs of equal names from
+    different folders get their parent folders in the name (``a/img.png``, ``b/img.png`` ->
+    ``a_img.png``, ``b_img.png``), so that no two drawings share a path; an input given twice
+    (overlapping patterns) is drawn once. Otherwise ``output`` is the one image file to write.
+
+    Raises:
+        UserError: an output file that is one of the inputs (it would be overwritten), or an
+            ``output`` that exists and is not a folder where a folder is needed.
+    """
+    seen: Dict[str, str] = {}
+    for p in inputs:
+        seen.setdefault(os.path.realpath(p), p)
+    inputs = list(seen.values())
+    is_dir = (os.path.isdir(output) or len(inputs) > 1 or output.endswith(("/", os.sep))
+              or not output.lower().endswith(IMAGE_EXTENSIONS))
+    if not is_dir:
+        pairs = [(inputs[0], output)] if inputs else []
+    else:
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise UserError(f"--output {output}: exists and is not a folder (there are "
+                            f"{len(inputs)} inputs: give a folder)")
+
+        def name(path: str, depth: int) -> str:
+            stem, own_ext = os.path.splitext(os.path.basename(path))
+            parents = os.path.dirname(os.path.abspath(path)).split(os.sep)[1:]
+            parts = [d for d in parents[len(parents) - depth:]] if depth else []
+            return "_".join(parts + [stem]) + (ext if ext is not None else own_ext)
+
+        depth = {p: 0 for p in inputs}
+        for _ in range(64):  # enough parent folders to tell every input apart
+            names: Dict[str, List[str]] = {}
+            for p in inputs:
+                names.setdefault(name(p, depth[p]).lower(), []).append(p)
+            clashes = [ps for ps in names.values() if len(ps) > 1]
+            if not clashes:
+                break
+            for ps in clashes:
+                for p in ps:
+                    depth[p] += 1
+        pairs = [(p, os.path.join(output, name(p, depth[p]))) for p in inputs]
+    for _, out in pairs:
+        for p in inputs:
+            if _same_file(out, p):
+                raise UserError(f"--output {output}: would write over the input {p}; give "
+                                "another output file or folder")
+    return pairs
