@@ -579,7 +579,8 @@ def test_train_net_refuses_an_empty_test_set_for_eval_only_and_an_empty_train_se
     args = argparse.Namespace(config_file=TINY_CONFIG, eval_only=False, opts=["DATASETS.TRAIN", "()"])
     with pytest.raises(UserError, match=r"DATASETS.TRAIN is empty.*--train-json"):
         train_net._checked_cfg(args, [])
-    assert train_net._checked_cfg(args, ["DATASETS.TRAIN", "('shapes_train',)"]).DATASETS.TRAIN == ("shapes_train",)
+    args.opts = ["DATASETS.TRAIN", "('shapes_train',)"]
+    assert train_net._checked_cfg(args, []).DATASETS.TRAIN == ("shapes_train",)
 
 
 @pytest.mark.slow
