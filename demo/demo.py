@@ -216,7 +216,10 @@ def main(argv=None):
     elif not args.output:
         check_gui("Without --output, the demo")
 
-    cfg = setup_demo_cfg(args.config_file, args.opts, args.confidence_threshold)
+    config_file = args.config_file
+    if config_file == DEFAULT_CONFIG and not os.path.isfile(config_file):  # run from another folder
+        config_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", DEFAULT_CONFIG)
+    cfg = setup_demo_cfg(config_file, args.opts, args.confidence_threshold)
     demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold,
                              allow_partial_weights=args.allow_partial_weights or None)
     if paths:
