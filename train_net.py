@@ -12,8 +12,12 @@ DATASETS.TRAIN / TEST and MODEL.SOLO.NUM_CLASSES are set from it):
         --train-json train.json --train-images images/ --val-json val.json --val-images images/
 
 On a CPU-only machine MODEL.DEVICE falls back to cpu and ``--num-gpus N`` runs N gloo processes.
+Errors naming a file, key or value (a bad dataset, a config typo, no dataset to train or
+evaluate on) are printed without their traceback, exit status 2 (``--debug`` or
+``SOLO_D2_DEBUG=1``: with it).
 """
 import os
+import sys
 
 from detectron2.engine import default_argument_parser, launch
 
@@ -22,6 +26,7 @@ from solo_d2.checkpoint import PARTIAL_WEIGHTS_ENV, UNSAFE_LOAD_ENV, SafeDetecti
 from solo_d2.data.coco_json import register_custom_datasets
 from solo_d2.engine import Trainer, setup_cfg
 from solo_d2.engine.output_lock import output_dir_lock
+from solo_d2.utils.cli import UserError, add_debug_flag, run_main
 
 
 def argument_parser():
@@ -51,13 +56,22 @@ def argument_parser():
         "(missing / other-shape head parameters, no key of the model, or empty: random weights); "
         "default: such weights are an error naming the keys",
     )
+    add_debug_flag(parser)
     return parser
 
 
-def _output_dir(args, extra_opts):
-    """cfg.OUTPUT_DIR of this run, known before setup_cfg writes into it."""
+def _checked_cfg(args, extra_opts):
+    """The cfg of this run before setup_cfg writes into its OUTPUT_DIR; raises
+    :class:`UserError` when there is no dataset to train or evaluate on."""
     cfg = solo_d2.get_solo_cfg(args.config_file, list(extra_opts) + list(args.opts))
-    return cfg.OUTPUT_DIR
+    if args.eval_only and not len(cfg.DATASETS.TEST):
+        raise UserError("--eval-only: DATASETS.TEST is empty, nothing to evaluate on; give "
+                        "--val-json FILE (a COCO json) or set DATASETS.TEST, e.g. "
+                        "DATASETS.TEST \"('shapes_val',)\"")
+    if not args.eval_only and not len(cfg.DATASETS.TRAIN):
+        raise UserError("DATASETS.TRAIN is empty, nothing to train on; give --train-json FILE "
+                        "(a COCO json) or set DATASETS.TRAIN, e.g. DATASETS.TRAIN \"('shapes_train',)\"")
+    return cfg
 
 
 def main(args):
@@ -70,7 +84,7 @@ def main(args):
     )
     # One live run per OUTPUT_DIR (rank 0 holds a lock file; solo_d2/engine/output_lock.py).
     what = "an --eval-only evaluation" if args.eval_only else "a training run"
-    with output_dir_lock(_output_dir(args, custom_opts), what):
+    with output_dir_lock(_checked_cfg(args, custom_opts).OUTPUT_DIR, what):
         return _run(args, custom_opts)
 
 
@@ -88,6 +102,11 @@ def _run(args, custom_opts):
 
 
 def invoke_main() -> None:
+    """The command line; known errors are printed in one line (exit 2), see the module docs."""
+    sys.exit(run_main(_invoke_main, prog="train_net.py"))
+
+
+def _invoke_main() -> None:
     parser = argument_parser()
     args = parser.parse_args()
     for kind in ("train", "val"):

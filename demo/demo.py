@@ -9,10 +9,15 @@ predictions with Detectron2's Visualizer (the Detectron2 ``demo/demo.py``, for s
 
 Class names come from the metadata of ``cfg.DATASETS.TEST[0]``. Without ``--output`` the drawings
 are shown in a window (press Esc to stop); that and ``--webcam`` need an OpenCV with GUI support
-(``pip install solo_d2[gui]``, see README): solo_d2 installs the headless one, with which the demo
+(see README, "Demo without a GUI"): solo_d2 installs the headless one, with which the demo
 stops with one line saying so. Weights that do not fit the config's head (another head type,
 another NUM_CLASSES, another architecture) or an empty MODEL.WEIGHTS are an error naming the keys
 unless ``--allow-partial-weights`` is given.
+
+An input is never written over: an ``--output`` that is (or, as a folder, would write over) one
+of the inputs is refused. Drawings of inputs with equal names from different folders get their
+parent folders in their names (``a/img.png`` -> ``OUT/a_img.png``). Errors are one line, exit
+status 2 (``--debug``: with the traceback).
 """
 import argparse
 import glob
@@ -28,12 +33,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import solo_d2  # noqa: E402,F401  (registers the SOLO meta-architecture and the shapes datasets)
-from solo_d2.checkpoint import UnsafeCheckpointError  # noqa: E402
+from solo_d2.utils.cli import UserError, add_debug_flag, plan_outputs, run_main  # noqa: E402
 from solo_d2.visualize import VisualizationDemo, read_image_bgr, setup_demo_cfg  # noqa: E402
 
 WINDOW_NAME = "solo_d2"
 #: The config ``make demo`` trains (tools/demo_run.py), whose weights are output/demo/model_final.pth.
 DEFAULT_CONFIG = "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"
+
+
+#: How to install a GUI OpenCV, as README.md ("Demo without a GUI") says (both packages provide
+#: cv2: the headless one must go).
+GUI_INSTALL = ("pip install -e '.[gui]', then pip uninstall -y opencv-python-headless && "
+               "pip install --force-reinstall 'opencv-python<4.11'")
 
 
 class NoGUIError(OSError):
@@ -61,8 +72,7 @@ def check_gui(what: str) -> None:
     raise NoGUIError(
         f"{what} shows the drawings in a window, but the installed OpenCV has no GUI support "
         "(opencv-python-headless, which solo_d2 installs). Use --output FILE_OR_FOLDER to write "
-        "them instead, or install a GUI OpenCV: pip uninstall opencv-python-headless && "
-        "pip install 'solo_d2[gui]' (opencv-python)."
+        f"them instead, or install a GUI OpenCV: {GUI_INSTALL}"
     )
 
 
@@ -91,6 +101,7 @@ def get_parser():
     parser.add_argument("--allow-partial-weights", action="store_true",
                         help="run even when MODEL.WEIGHTS does not fit the config's head or is "
                              "empty (random weights); default: an error naming the keys")
+    add_debug_flag(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config options as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
     return parser
@@ -110,32 +121,9 @@ def expand_inputs(patterns):
     return paths
 
 
-#: File extensions cv2.imwrite can write; an ``--output`` without one of them is a folder.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def output_path(output, path, num_inputs):
-    """Where the drawing of ``path`` goes: inside ``output`` if it is (or must be) a folder.
-
-    ``output`` is a folder (created when missing) when it is an existing folder, ends with a
-    slash, is given for several inputs, or has no image file extension (``new/dir``); otherwise it
-    is the image file to write (its folder is created)."""
-    is_dir = (os.path.isdir(output) or num_inputs > 1 or output.endswith(("/", os.sep))
-              or not output.lower().endswith(IMAGE_EXTENSIONS))
-    if is_dir:
-        if os.path.exists(output) and not os.path.isdir(output):
-            raise NotADirectoryError(f"--output {output}: exists and is not a folder")
-        os.makedirs(output, exist_ok=True)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        return os.path.join(output, stem + ".png")
-    parent = os.path.dirname(output)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    return output
-
-
 def run_images(demo, paths, output, logger):
-    for path in tqdm.tqdm(paths, disable=not output):
+    pairs = plan_outputs(paths, output, ext=".png") if output else [(p, None) for p in paths]
+    for path, out in tqdm.tqdm(pairs, disable=not output):
         image = read_image_bgr(path)  # raises naming the file
         start = time.time()
         predictions, vis_rgb = demo.run_on_image(image)
@@ -145,7 +133,7 @@ def run_images(demo, paths, output, logger):
                     f"{time.time() - start:.2f}s")
         vis_bgr = cv2.cvtColor(vis_rgb, cv2.COLOR_RGB2BGR)
         if output:
-            out = output_path(output, path, len(paths))
+            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
             if not cv2.imwrite(out, vis_bgr):
                 raise OSError(f"{out}: cannot write the image")
         else:
@@ -169,6 +157,9 @@ def run_video(demo, source, output, name):
             os.makedirs(output, exist_ok=True)
             stem = os.path.splitext(os.path.basename(str(name)))[0]
             output = os.path.join(output, stem + ".mp4")
+        if os.path.exists(output) and os.path.samefile(output, source):
+            raise UserError(f"--output {output}: would write over the input video {name}; give "
+                            "another file")
         parent = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(parent):
             raise FileNotFoundError(
@@ -212,8 +203,12 @@ def main(argv=None):
         get_parser().error("--output is not supported with --webcam")
     paths = expand_inputs(args.input) if args.input else []
     for p in paths:  # fail before building the model
+        if os.path.isdir(p):
+            raise UserError(f"--input {p}: a folder: use '{os.path.join(p, '*.png')}' (or *.jpg ...)")
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p}: no such image file")
+    if paths and args.output:
+        plan_outputs(paths, args.output, ext=".png")  # refuse to write over an input, up front
     if args.video_input and not os.path.isfile(args.video_input):
         raise FileNotFoundError(f"{args.video_input}: no such video file")
     if args.webcam:
@@ -221,7 +216,10 @@ def main(argv=None):
     elif not args.output:
         check_gui("Without --output, the demo")
 
-    cfg = setup_demo_cfg(args.config_file, args.opts, args.confidence_threshold)
+    config_file = args.config_file
+    if config_file == DEFAULT_CONFIG and not os.path.isfile(config_file):  # run from another folder
+        config_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", DEFAULT_CONFIG)
+    cfg = setup_demo_cfg(config_file, args.opts, args.confidence_threshold)
     demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold,
                              allow_partial_weights=args.allow_partial_weights or None)
     if paths:
@@ -234,8 +232,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (OSError, ValueError, UnsafeCheckpointError) as e:  # one clear line, no traceback
-        print(f"demo.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    # Errors naming a file, key or value (OSError, ValueError, solo_d2's errors): one line, exit 2.
+    sys.exit(run_main(main, prog="demo.py", known=(ValueError,)))

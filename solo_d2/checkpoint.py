@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .utils.cli import UserError
 from .utils.file_io import atomic_write
 
 __all__ = [
@@ -50,6 +51,9 @@ __all__ = [
     "IncompatibleCheckpointError",
     "PARTIAL_WEIGHTS_ENV",
     "partial_weights_allowed",
+    "check_checkpoint_file",
+    "needs_unsafe_unpickling",
+    "unreadable_checkpoint_error",
 ]
 
 #: Environment variable that allows arbitrary unpickling when loading checkpoints ("1" = allow).
@@ -60,15 +64,15 @@ UNSAFE_LOAD_ENV = "SOLO_D2_UNSAFE_LOAD"
 PARTIAL_WEIGHTS_ENV = "SOLO_D2_ALLOW_PARTIAL_WEIGHTS"
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint needs arbitrary unpickling (which can execute code) and it was not allowed."""
 
 
-class CheckpointFileError(ValueError):
+class CheckpointFileError(UserError, ValueError):
     """A weights path that is not a checkpoint file: a directory, an empty or a truncated file."""
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UserError, ValueError):
     """A checkpoint whose head parameters do not fit the model (missing or of another shape), or
     none of whose keys are the model's, loaded where that is not allowed (inference)."""
 
@@ -92,6 +96,57 @@ def _list_keys(keys, limit: int = 12) -> str:
     keys = list(keys)
     text = ", ".join(keys[:limit])
     return text + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def check_checkpoint_file(path: str) -> str:
+    """Raise :class:`CheckpointFileError` naming ``path`` unless it is a file that can hold a
+    checkpoint; returns its kind, ``"zip"`` (``torch.save``'s format) or ``"pickle"`` (the legacy
+    format, and Detectron2's ``.pkl``). Refused: a missing path, a folder, an empty file, a zip
+    without its directory (a truncated download) and a file that is neither a zip nor a pickle
+    (text, HTML...). A truncated pickle is only found when loading it
+    (:func:`unreadable_checkpoint_error`)."""
+    import zipfile
+
+    if os.path.isdir(path):
+        raise CheckpointFileError(f"{path}: a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise CheckpointFileError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointFileError(f"{path}: not a checkpoint: empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except zipfile.BadZipFile:
+            raise CheckpointFileError(
+                f"{path}: not a checkpoint: truncated ({size} bytes; the zip's directory, at its "
+                "end, is missing): download or copy it again") from None
+        return "zip"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:  # pickle protocol 2-5 opcode
+        return "pickle"
+    raise CheckpointFileError(
+        f"{path}: not a checkpoint: not a zip or pickle file ({size} bytes starting with {head!r})")
+
+
+def needs_unsafe_unpickling(e: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` failed with ``e`` because the file holds Python
+    objects (a global the weights-only unpickler refuses), not because it is broken."""
+    text = str(e)
+    return isinstance(e, pickle.UnpicklingError) and (
+        "Unsupported global" in text or "GLOBAL" in text or "is not an allowed global" in text)
+
+
+def unreadable_checkpoint_error(path: str, e: BaseException) -> CheckpointFileError:
+    """The error for a checkpoint file that :func:`check_checkpoint_file` accepted but
+    ``torch.load`` cannot read (``e``): truncated or corrupt."""
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    lines = str(e).strip().splitlines()
+    detail = lines[0][:200] if lines else type(e).__name__
+    return CheckpointFileError(
+        f"{path}: not a checkpoint: truncated or corrupt ({size} bytes; {type(e).__name__}: {detail})")
 
 
 def _is_local(path: str) -> bool:

@@ -131,17 +131,20 @@ class ConvertedCheckpoint:
 def load_source_checkpoint(path: str, unsafe_load: bool = False):
     """``torch.load`` a checkpoint: ``weights_only=True`` unless ``unsafe_load``.
 
-    A file that needs arbitrary unpickling (mmengine checkpoints keep Python objects in ``meta``)
+    A path that is not a checkpoint file (missing, a folder, empty, truncated, neither a zip nor
+    a pickle) raises :class:`solo_d2.checkpoint.CheckpointFileError` saying which. A well-formed
+    file that needs arbitrary unpickling (mmengine checkpoints keep Python objects in ``meta``)
     raises :class:`ConversionError` saying that ``--unsafe-load`` is needed, for a file the user
     trusts.
     """
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such file")
-    if unsafe_load:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    from .checkpoint import check_checkpoint_file, needs_unsafe_unpickling, unreadable_checkpoint_error
+
+    check_checkpoint_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError (or RuntimeError in older versions)
+        return torch.load(path, map_location="cpu", weights_only=not unsafe_load)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, OSError
+        if unsafe_load or not needs_unsafe_unpickling(e):
+            raise unreadable_checkpoint_error(path, e) from None
         first = str(e).strip().splitlines()
         detail = next((l.strip() for l in first if "GLOBAL" in l or "global" in l),
                       first[0] if first else "")

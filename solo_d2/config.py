@@ -13,8 +13,11 @@ import platform
 from typing import Optional
 
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+
+from .utils.cli import ConfigError
 
 __all__ = [
     "add_solo_config",
@@ -145,15 +148,32 @@ def autocast_dtype(name: str, device, *, key: str, explicit: bool) -> Optional[t
 def get_solo_cfg(config_file=None, opts=(), device_fallback: bool = True):
     """A new (unfrozen) cfg: Detectron2's defaults + solo_d2's keys + ``config_file`` (if given)
     + ``opts`` (a flat ``[KEY, VALUE, ...]`` list). With ``device_fallback``, ``MODEL.DEVICE``
-    goes through :func:`resolve_device` (CUDA -> cpu when CUDA is absent)."""
+    goes through :func:`resolve_device` (CUDA -> cpu when CUDA is absent). A missing config file,
+    an unknown key, a value of the wrong type or an odd-length ``opts`` raise
+    :class:`solo_d2.utils.cli.ConfigError` naming the file or the options."""
     cfg = get_cfg()
     add_solo_config(cfg)
     if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file {config_file!r}: " + (
+                "a folder, not a config file" if os.path.isdir(config_file) else "no such file"))
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:  # yacs / PyYAML
+            raise ConfigError(f"config file {config_file!r}: {_config_error_text(e)}") from e
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, odd length, type
+        raise ConfigError(f"config options {' '.join(map(str, opts))!r}: {_config_error_text(e)}") from e
     if device_fallback:
         cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     return cfg
+
+
+def _config_error_text(e: BaseException) -> str:
+    """One line of a yacs / PyYAML error (KeyError's str() would quote it)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split()) or type(e).__name__
 
 
 def add_solo_config(cfg):

@@ -22,9 +22,11 @@ Differences from ``DefaultPredictor``:
   H x W x 3                            used as is (channel order ``cfg.INPUT.FORMAT``)
   H x W x 4 (BGRA / RGBA)              alpha dropped
   uint8                                used as is
-  uint16                               scaled to 0..255 (``x / 257``)
+  uint16                               scaled to 0..255 (``x / 257``); a warning when every
+                                       value is <= 255 (8-bit data in a uint16 array)
   other integer dtypes                 accepted when every value is in 0..255, else ValueError
-  float16/32/64                        taken as 0..255 pixel values; NaN/inf -> ValueError
+  float16/32/64                        taken as 0..255 pixel values; NaN/inf -> ValueError; a
+                                       warning when every value is in 0..1 (a 0..1 image)
   bool, complex, object, other shapes  TypeError / ValueError
   H == 0 or W == 0                     ValueError
   ===================================  ==================================================
@@ -33,6 +35,8 @@ Differences from ``DefaultPredictor``:
   is resized to 1 x MAX_SIZE_TEST, not to 0 x MAX_SIZE_TEST);
 - the output masks always have the size of the *original* image.
 """
+import warnings
+
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
@@ -75,11 +79,21 @@ def as_hwc3(image, name: str = "image") -> np.ndarray:
     if image.shape[2] == 4:
         image = image[:, :, :3]  # drop alpha
     if image.dtype == np.uint16:
+        if 0 < int(image.max()) <= 255:
+            warnings.warn(
+                f"{name} is a uint16 array whose values are all in 0..{int(image.max())}: it is taken "
+                "as 16-bit (scaled by 1/257, so nearly black); if it holds 8-bit values, pass "
+                "image.astype(np.uint8)", stacklevel=3)
         image = image.astype(np.float32) / 257.0  # 65535 -> 255
     elif np.issubdtype(image.dtype, np.floating):
         image = image.astype(np.float32, copy=False)
         if not np.isfinite(image).all():
             raise ValueError(f"{name} has {int((~np.isfinite(image)).sum())} NaN or inf pixel values")
+        if float(image.max()) <= 1.0 and float(image.min()) >= 0.0 and float(image.max()) > 0.0:
+            warnings.warn(
+                f"{name} is a float array whose values are all in 0..1: pixel values are taken as "
+                "0..255 (so it is nearly black); if it is a 0..1 image, pass image * 255",
+                stacklevel=3)
     elif image.dtype != np.uint8:  # other integers
         lo, hi = int(image.min()), int(image.max())
         if lo < 0 or hi > 255:

@@ -266,6 +266,9 @@ def test_analyze_dataset_tool_prints_the_table_and_writes_a_config(tmp_path, cap
         "categories": [{"id": 1, "name": "a"}],
     }
     (root / "train.json").write_text(json.dumps(coco))
+    import cv2
+
+    cv2.imwrite(str(root / "1.png"), np.zeros((256, 256, 3), np.uint8))  # the json is validated
     out_cfg = tmp_path / "suggested.yaml"
     tool.main(["--config-file", str(REPO / SHAPES), "--json", str(root / "train.json"), "--suggest",
                "--write-config", str(out_cfg), "--output", str(tmp_path / "out"),

@@ -4,6 +4,7 @@
 last printed line is the config, and every refusal path exits non-zero naming the problem."""
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -277,7 +278,7 @@ def _refused(sd, tmp_path, capsys, *extra):
     rc, lines, err = run_cli([src, dst, *extra], capsys)
     assert rc != 0
     assert not dst.exists()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert err.startswith("convert_weights.py: error: ") and len(err.splitlines()) == 1, err
     return err
 
 
@@ -679,3 +680,90 @@ def test_solov2_light_dcn_falls_back_to_the_light_config_with_a_note(tmp_path, c
         assert key in opts, opts
     assert "MASK_FEATURE_DEFORMABLE" not in opts
     load_into_model(tmp_path / "dst.pth", sd, lines[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 30: files that are not checkpoints, DST = SRC, the printed path and options
+# ---------------------------------------------------------------------------------------------
+def _not_a_checkpoint(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": source("SOLO")}, good)
+    data = good.read_bytes()
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"state_dict": source("SOLO")}, legacy, _use_new_zipfile_serialization=False)
+    files = {"empty.pth": b"", "truncated_zip.pth": data[: len(data) // 2],
+             "truncated_pickle.pth": legacy.read_bytes()[:5000], "page.pth": b"<html>404 Not Found</html>"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    return files
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_empty_truncated_and_text_files_are_not_checkpoints_never_unsafe(tmp_path, capsys, unsafe):
+    expect = {"empty.pth": r"not a checkpoint: empty \(0 bytes\)",
+              "truncated_zip.pth": r"not a checkpoint: truncated \(\d+ bytes",
+              "truncated_pickle.pth": r"not a checkpoint: truncated or corrupt \(5000 bytes",
+              "page.pth": r"not a checkpoint: not a zip or pickle file \(26 bytes"}
+    _not_a_checkpoint(tmp_path)
+    for name, pattern in expect.items():
+        rc, _, err = run_cli([tmp_path / name, tmp_path / "dst.pth"] + (["--unsafe-load"] if unsafe else []), capsys)
+        assert rc == 2 and len(err.splitlines()) == 1, err
+        assert re.search(re.escape(str(tmp_path / name)) + ": " + pattern, err), err
+        assert "--unsafe-load" not in err and "Traceback" not in err
+    rc, _, err = run_cli([tmp_path, tmp_path / "dst.pth"], capsys)  # a folder as SRC
+    assert rc == 2 and f"{tmp_path}: a folder, not a checkpoint file" in err
+    assert not (tmp_path / "dst.pth").exists()
+
+
+def test_well_formed_file_with_python_objects_still_suggests_unsafe_load(tmp_path, capsys):
+    torch.save({"state_dict": source("SOLO"), "meta": {"args": argparse.Namespace(lr=0.01)}}, tmp_path / "m.pth")
+    rc, _, err = run_cli([tmp_path / "m.pth", tmp_path / "dst.pth"], capsys)
+    assert rc == 2 and "rerun with --unsafe-load" in err and "argparse.Namespace" in err
+
+
+def test_dst_equal_to_src_or_a_folder_is_refused_and_the_source_kept(tmp_path, capsys):
+    src = tmp_path / "src.pth"
+    torch.save({"state_dict": source("SOLO")}, src)
+    before = src.read_bytes()
+    os.symlink(src, tmp_path / "link.pth")
+    for dst in (src, tmp_path / "link.pth", tmp_path / "." / "src.pth"):
+        rc, lines, err = run_cli([src, dst], capsys)
+        assert rc == 2 and "would overwrite the source checkpoint" in err, err
+    assert src.read_bytes() == before
+    rc, _, err = run_cli([src, tmp_path], capsys)
+    assert rc == 2 and f"DST {tmp_path}: a folder" in err
+    rc, _, err = run_cli([src, tmp_path / "d.pth", "--config-file", tmp_path / "no.yaml"], capsys)
+    assert rc == 2 and "no.yaml: no such file" in err and len(err.splitlines()) == 1
+
+
+def test_printed_config_path_works_from_another_folder_and_runs_on_images(tmp_path):
+    """From another folder the last line is an absolute path; the printed --opts of a 3-class
+    checkpoint build a model that loads it and predicts (the COCO datasets' 80 classes are
+    cleared)."""
+    import shlex
+
+    import numpy as np
+
+    from solo_d2.predictor import SOLOPredictor
+
+    fx = torch.load(os.path.join(ROOT, "tests", "fixtures", "parity", "SOLO.pth"), weights_only=True)
+    torch.save({"state_dict": fx["state_dict"]}, tmp_path / "src.pth")
+    proc = subprocess.run([sys.executable, TOOL, "src.pth", "dst.pth"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    config = lines[-1]
+    assert os.path.isabs(config) and os.path.isfile(config), config
+    opts = shlex.split([l for l in lines if "--opts" in l][0].split("--opts ", 1)[1])
+    assert "DATASETS.TRAIN" in opts and "DATASETS.TEST" in opts
+    cfg = solo_d2.get_solo_cfg(config, opts + ["MODEL.WEIGHTS", str(tmp_path / "dst.pth"), "MODEL.DEVICE", "cpu",
+                                               "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"])
+    out = SOLOPredictor(cfg)(np.zeros((48, 64, 3), np.uint8))["instances"]
+    assert out.image_size == (48, 64)
+
+
+def test_groupnorm_channel_mismatch_names_the_keys(tmp_path, capsys):
+    sd = source("SOLO", ch=5)
+    err = _refused({"state_dict": sd}, tmp_path, capsys)
+    assert "MODEL.SOLO.CONV_CHANNELS = 5" in err and "divisible by 32" in err, err
+    assert "head.cate_tower.1.weight (5,)" in err, err  # the tower's first GroupNorm

@@ -125,7 +125,8 @@ def test_train_net_bad_dataset_fails_before_training(coco, tmp_path):
     proc = run_train_net(["--train-json", str(json_path), "--train-images", str(img_dir),
                        "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(tmp_path / "out")], tmp_path)
     assert proc.returncode != 0
-    assert "CocoDatasetError" in proc.stderr and "im2.png" in proc.stderr and "image id 102" in proc.stderr
+    assert "train_net.py: error: " in proc.stderr and "Traceback" not in proc.stderr
+    assert "im2.png" in proc.stderr and "image id 102" in proc.stderr
     assert "Starting training" not in proc.stdout + proc.stderr
 
 

@@ -92,7 +92,7 @@ def test_demo_command_line_error_is_one_line(tmp_path):
          "--input", str(tmp_path / "missing.png")],
         capture_output=True, text=True, timeout=120, env=cpu_env(),
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "missing.png" in proc.stderr and "Traceback" not in proc.stderr
 
 

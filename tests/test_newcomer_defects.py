@@ -145,10 +145,10 @@ def _run(args, timeout=300, env=None):
 @pytest.mark.parametrize("which", ["decoupled", "mask_rcnn"])
 def test_eval_only_refuses_weights_that_do_not_fit(checkpoints, which, tmp_path):
     proc = _run([str(REPO / "train_net.py"), "--config-file", TINY_CONFIG, "--eval-only",
-                 "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", checkpoints[which], "DATASETS.TEST", "()",
-                 "OUTPUT_DIR", str(tmp_path / "eval")])
-    assert proc.returncode != 0
-    assert "IncompatibleCheckpointError" in proc.stderr
+                 "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", checkpoints[which], "DATASETS.TEST", "('shapes_val',)",
+                 "OUTPUT_DIR", str(tmp_path / "eval")], env={"SOLO_D2_DATASETS": str(tmp_path / "datasets")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train_net.py: error: " in proc.stderr
     assert re.search(r"head parameters missing from it: head\.\S+", proc.stderr), proc.stderr[-2000:]
 
 
@@ -158,7 +158,7 @@ def test_demo_refuses_weights_that_do_not_fit_in_one_line(checkpoints, tmp_path)
     proc = _run([str(REPO / "demo" / "demo.py"), "--config-file", TINY_CONFIG, "--input", str(img),
                  "--output", str(tmp_path / "o.png"), "--opts", "MODEL.WEIGHTS",
                  checkpoints["three_classes"]])
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "head.cate_pred.weight" in proc.stderr and "--allow-partial-weights" in proc.stderr
 
 
@@ -403,9 +403,9 @@ def test_demo_window_modes_under_headless_opencv_fail_in_one_line(demo_module, t
     cv2.imwrite(str(img), make_image(np.random.default_rng(0))[0])
     for args in (["--input", str(img)], ["--webcam"]):
         proc = _run([str(REPO / "demo" / "demo.py"), "--config-file", TINY_CONFIG, *args], timeout=120)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         err = proc.stderr.strip().splitlines()[-1]
-        assert "no GUI support" in err and "--output" in err and "solo_d2[gui]" in err
+        assert "no GUI support" in err and "--output" in err and ".[gui]" in err
 
 
 def test_duplicate_category_names_are_reported(tmp_path):
@@ -442,3 +442,287 @@ def test_train_net_with_train_json_only_does_not_evaluate_on_the_configs_test_se
     assert proc.returncode == 0, log[-3000:]
     assert "evaluation is skipped" in log and "Evaluation results" not in log
     assert not (datasets / "shapes").exists()  # the built-in dataset was not generated
+
+
+# ================================================================== issue 30 (round 2)
+from solo_d2.utils.cli import ConfigError, UserError, plan_outputs, run_main  # noqa: E402
+
+
+def _png(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), make_image(np.random.default_rng(seed))[0])
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    """imgs/a.png, imgs/b.png, x/img.png, y/img.png and their bytes."""
+    paths = [_png(tmp_path / p, i) for i, p in enumerate(["imgs/a.png", "imgs/b.png", "x/img.png", "y/img.png"])]
+    return tmp_path, {p: p.read_bytes() for p in paths}
+
+
+def _unchanged(files):
+    return all(p.read_bytes() == b for p, b in files.items())
+
+
+# ------------------------------------------------------------------ item 1: demos never overwrite
+def test_plan_outputs_refuses_inputs_and_keeps_equal_names_apart(images):
+    root, files = images
+    imgs = [str(root / "imgs/a.png"), str(root / "imgs/b.png")]
+    for output in (str(root / "imgs"), str(root / "imgs") + "/", str(root / "imgs/a.png")):
+        with pytest.raises(UserError, match=r"would write over the input .*imgs/a\.png"):
+            plan_outputs(imgs[:1] if output.endswith(".png") else imgs, output, ext=".png")
+    pairs = plan_outputs([str(root / "x/img.png"), str(root / "y/img.png")], str(root / "out"), ext=".png")
+    assert [os.path.basename(o) for _, o in pairs] == ["x_img.png", "y_img.png"]
+    # The same file through two patterns is drawn once.
+    assert len(plan_outputs([imgs[0], str(root / "imgs/../imgs/a.png")], str(root / "out"))) == 1
+    assert _unchanged(files)
+
+
+def test_demo_refuses_to_write_over_its_inputs_and_keeps_equal_names_apart(demo_module, images):
+    root, files = images
+    opts = ["--allow-partial-weights", "--opts", "MODEL.WEIGHTS", ""]
+    for inputs, output in (([str(root / "imgs/*.png")], str(root / "imgs") + "/"),
+                           ([str(root / "imgs/a.png")], str(root / "imgs/a.png"))):
+        with pytest.raises(UserError, match=r"would write over the input .*imgs/a\.png"):
+            demo_module.main(["--config-file", TINY_CONFIG, "--input", *inputs, "--output", output, *opts])
+    assert _unchanged(files)
+    out = root / "out"
+    assert demo_module.main(["--config-file", TINY_CONFIG, "--input", str(root / "x/img.png"),
+                             str(root / "y/img.png"), "--output", str(out), *opts]) == 0
+    assert sorted(os.listdir(out)) == ["x_img.png", "y_img.png"]
+    with pytest.raises(UserError, match=r"a folder: use '.*imgs/\*\.png'"):
+        demo_module.main(["--config-file", TINY_CONFIG, "--input", str(root / "imgs"), "--output", str(out), *opts])
+
+
+class _NoDetections:
+    class_names = []
+
+    def __call__(self, bgr):
+        h, w = bgr.shape[:2]
+        return {"masks": np.zeros((0, h, w), bool), "scores": np.zeros(0, np.float32),
+                "classes": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32)}
+
+
+@pytest.fixture
+def onnx_demo(monkeypatch):
+    module = _load_script("solo_onnx_demo_defects", "demo/onnx_demo.py")
+    monkeypatch.setattr(module, "ONNXSOLO", lambda path, threads=0: _NoDetections())
+    return module
+
+
+def test_onnx_demo_refuses_to_write_over_its_inputs_and_keeps_equal_names_apart(onnx_demo, images):
+    root, files = images
+    for inputs, output in (([str(root / "imgs/*.png")], str(root / "imgs")),
+                           ([str(root / "imgs/a.png")], str(root / "imgs/a.png"))):
+        with pytest.raises(onnx_demo.UserError, match=r"would write over the input .*imgs/a\.png"):
+            onnx_demo.main(["--model", "m.onnx", "--input", *inputs, "--output", output])
+    assert _unchanged(files)
+    onnx_demo.main(["--model", "m.onnx", "--input", str(root / "x/img.png"), str(root / "y/img.png"),
+                    "--output", str(root / "out")])
+    assert sorted(os.listdir(root / "out")) == ["x_img.png", "y_img.png"]
+    with pytest.raises(onnx_demo.UserError, match=r"a folder: use"):
+        onnx_demo.main(["--model", "m.onnx", "--input", str(root / "imgs"), "--output", str(root / "o")])
+    (root / "file").write_text("")
+    with pytest.raises(onnx_demo.UserError, match=r"cannot write"):
+        onnx_demo.main(["--model", "m.onnx", "--input", str(root / "imgs/a.png"), "--output",
+                        str(root / "file" / "o.png")])
+
+
+# ------------------------------------------------------------------ item 8: one-line errors
+def test_run_main_prints_a_known_error_in_one_line_and_exits_2(capsys, monkeypatch):
+    monkeypatch.delenv("SOLO_D2_DEBUG", raising=False)
+
+    def fails(exc):
+        def main(argv):
+            raise exc
+        return main
+
+    for exc, text in ((UserError("bad thing"), "bad thing"), (FileNotFoundError("x.png: no such file"), "x.png"),
+                      (KeyError("Non-existent config key: MODEL.FOO"), "Non-existent config key: MODEL.FOO"),
+                      (AssertionError("Override list has odd length: ['A']"), "odd length")):
+        assert run_main(fails(exc), [], prog="tool") == 2
+        err = capsys.readouterr().err
+        assert err == f"tool: error: {text}\n" if text == "bad thing" else text in err and len(err.splitlines()) == 1
+    with pytest.raises(UserError):  # --debug: the traceback
+        run_main(fails(UserError("bad")), ["--debug"], prog="tool")
+    monkeypatch.setenv("SOLO_D2_DEBUG", "1")
+    with pytest.raises(UserError):
+        run_main(fails(UserError("bad")), [], prog="tool")
+    monkeypatch.delenv("SOLO_D2_DEBUG")
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_main(fails(ZeroDivisionError()), [], prog="tool")
+
+
+def test_config_typos_and_missing_files_name_the_file_and_key(tmp_path):
+    from solo_d2 import get_solo_cfg
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{TINY_CONFIG}"\nMODEL:\n  SOLO:\n    NUM_CLASES: 3\n')
+    with pytest.raises(ConfigError, match=r"bad\.yaml'?: Non-existent config key: MODEL\.SOLO\.NUM_CLASES"):
+        get_solo_cfg(str(bad))
+    with pytest.raises(ConfigError, match=r"Non-existent key: MODEL\.SOLO\.NUM_CLASES"):
+        get_solo_cfg(TINY_CONFIG, ["MODEL.SOLO.NUM_CLASES", "3"])
+    with pytest.raises(ConfigError, match=r"odd length"):
+        get_solo_cfg(TINY_CONFIG, ["MODEL.SOLO.NUM_CLASSES"])
+    with pytest.raises(ConfigError, match=r"nope\.yaml'?: no such file"):
+        get_solo_cfg(str(tmp_path / "nope.yaml"))
+
+
+def test_train_net_refuses_an_empty_test_set_for_eval_only_and_an_empty_train_set():
+    import argparse
+
+    train_net = _load_script("solo_train_net_defects", "train_net.py")
+    args = argparse.Namespace(config_file=TINY_CONFIG, eval_only=True, opts=["DATASETS.TEST", "()"])
+    with pytest.raises(UserError, match=r"--eval-only: DATASETS.TEST is empty.*--val-json"):
+        train_net._checked_cfg(args, [])
+    args = argparse.Namespace(config_file=TINY_CONFIG, eval_only=False, opts=["DATASETS.TRAIN", "()"])
+    with pytest.raises(UserError, match=r"DATASETS.TRAIN is empty.*--train-json"):
+        train_net._checked_cfg(args, [])
+    args.opts = ["DATASETS.TRAIN", "('shapes_train',)"]
+    assert train_net._checked_cfg(args, []).DATASETS.TRAIN == ("shapes_train",)
+
+
+@pytest.mark.slow
+def test_tools_print_one_line_and_exit_2(tmp_path):
+    """The command lines (few: each starts Python): train_net --eval-only with an empty
+    DATASETS.TEST (item 7) and with no training set, a config typo in the demo (and its
+    traceback under --debug), a non-JSON file given to the dataset analysis."""
+    env = {"SOLO_D2_DATASETS": str(tmp_path / "datasets"), "OMP_NUM_THREADS": "1"}
+    train = [str(REPO / "train_net.py"), "--config-file", TINY_CONFIG, "MODEL.DEVICE", "cpu",
+             "OUTPUT_DIR", str(tmp_path / "out")]
+    cases = [
+        (train[:3] + ["--eval-only"] + train[3:] + ["DATASETS.TEST", "()"],
+         ["DATASETS.TEST is empty", "--val-json"]),
+        (train + ["DATASETS.TRAIN", "()"], ["DATASETS.TRAIN is empty", "--train-json"]),
+        ([str(REPO / "demo" / "demo.py"), "--config-file", TINY_CONFIG, "--input", str(_png(tmp_path / "a.png")),
+          "--output", str(tmp_path / "o"), "--opts", "MODEL.SOLO.NUM_CLASES", "3"], ["Non-existent key: MODEL.SOLO.NUM_CLASES"]),
+    ]
+    (tmp_path / "a.json").write_text("not json")
+    cases.append(([str(REPO / "tools" / "analyze_dataset.py"), "--config-file", TINY_CONFIG, "--json",
+                   str(tmp_path / "a.json"), "--output", str(tmp_path / "an")], ["a.json: not a valid json file"]))
+    for args, expect in cases:
+        proc = _run(args, timeout=120, env=env)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert all(e in err[-1] for e in expect) and ": error: " in err[-1], err[-3:]
+    assert not (tmp_path / "out" / "inference").exists()
+    proc = _run(cases[2][0][:1] + ["--debug"] + cases[2][0][1:], timeout=120, env=env)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+# ------------------------------------------------------------------ item 2: analysis = training's checks
+def _dup_json(root):
+    ann = {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1200.0,
+           "bbox": [20.0, 10.0, 40.0, 30.0], "segmentation": [[20, 10, 60, 10, 60, 40, 20, 40]]}
+    return _coco(root, anns=[ann])  # annotation 1 is the same square
+
+
+def test_duplicated_annotations_are_reported_by_the_validator(tmp_path):
+    path = _dup_json(tmp_path / "d")
+    with pytest.raises(CocoDatasetError, match=r"annotation ids \[1, 2\] \(image id 1\): the same mask 2 times"):
+        validate_coco_json(str(path), str(tmp_path / "d"))
+
+
+def test_analyze_dataset_validates_the_json_as_training_does(tmp_path):
+    tool = _load_script("solo_analyze_defects", "tools/analyze_dataset.py")
+    path = _dup_json(tmp_path / "d")
+    argv = ["--config-file", TINY_CONFIG, "--json", str(path), "--suggest", "--output", str(tmp_path / "o")]
+    with pytest.raises(CocoDatasetError, match=r"annotation ids \[1, 2\]"):
+        tool.main(argv)
+    os.remove(tmp_path / "d" / "a.png")  # what register_custom_datasets refuses too
+    with pytest.raises(CocoDatasetError, match=r"image id 1: .*a\.png: file not found"):
+        tool.main(argv)
+
+
+def test_a_suggestion_that_does_not_reduce_the_losses_is_not_written(tmp_path, capsys):
+    from solo_d2.analysis.grid_coverage import object_geometry
+    from solo_d2.analysis.grid_suggestion import suggest_grids
+    from detectron2.structures import BoxMode
+
+    sq = {"bbox": [100, 100, 30, 30], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0,
+          "segmentation": [[100, 100, 130, 100, 130, 130, 100, 130]]}
+    dicts = [{"file_name": "0.png", "image_id": 0, "height": 256, "width": 256,
+              "annotations": [dict(sq), dict(sq), {**sq, "bbox": [10, 10, 30, 30],
+                                                   "segmentation": [[10, 10, 40, 10, 40, 40, 10, 40]]}]}]
+    cfg = tiny_cfg()
+    sug = suggest_grids(cfg, object_geometry(dicts))
+    assert not sug.improved and sug.before.cause2 > 0
+    assert sug.num_grids == list(cfg.MODEL.SOLO.NUM_GRIDS) and sug.input_scale == 1.0
+    assert "do not reduce the losses" in sug.reasons[0]
+    assert any("1 objects have the centre and box of another object" in r for r in sug.reasons), sug.reasons
+    # The tool says so and writes nothing (a json of that dataset: the validator would refuse the
+    # duplicate, so the tool is given the dataset through a registered name).
+    from detectron2.data import DatasetCatalog
+
+    name = "solo_test_issue30_duplicates"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    tool = _load_script("solo_analyze_defects2", "tools/analyze_dataset.py")
+    out = tmp_path / "sug.yaml"
+    assert tool.main(["--config-file", TINY_CONFIG, "--dataset", name, "--suggest", "--write-config", str(out),
+                      "--output", str(tmp_path / "o")]) == 1
+    captured = capsys.readouterr()
+    assert "do not reduce the losses" in captured.out and f"{out} not written" in captured.err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ item 9: minor
+def test_predictor_warns_on_implausible_value_ranges():
+    from solo_d2.predictor import as_hwc3
+
+    with pytest.warns(UserWarning, match="0..1"):
+        as_hwc3(np.full((8, 8, 3), 0.5, np.float32))
+    with pytest.warns(UserWarning, match="uint16 array whose values are all in 0..200"):
+        as_hwc3(np.full((8, 8, 3), 200, np.uint16))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_hwc3(np.full((8, 8, 3), 200.0, np.float32))
+        as_hwc3(np.full((8, 8, 3), 60000, np.uint16))
+        as_hwc3(np.zeros((8, 8, 3), np.float32))
+
+
+def test_onnx_demo_resizes_up_to_the_exported_minimum():
+    module = _load_script("solo_onnx_demo_sizes", "demo/onnx_demo.py")
+    model = object.__new__(module.ONNXSOLO)
+    model.static_size, model.min_size, model.max_size, model.min_input_size = None, 128, 213, 65
+    model.input_format = "BGR"
+    assert model.input_size(128, 128) == ((128, 128), None)
+    size, warning = model.input_size(20, 400)  # -> 11 x 213: below 65
+    assert min(size) >= 65 and "below the exported model's minimum side 65" in warning
+    assert model.prepare(np.zeros((20, 400, 3), np.uint8)).shape[1:] == size
+
+
+def test_onnx_demo_non_onnx_model_is_one_clear_error(tmp_path):
+    pytest.importorskip("onnxruntime")
+    module = _load_script("solo_onnx_demo_model", "demo/onnx_demo.py")
+    (tmp_path / "model.onnx").write_text("not a model")
+    with pytest.raises(module.UserError, match=r"model\.onnx: not an ONNX model"):
+        module.ONNXSOLO(str(tmp_path / "model.onnx"))
+
+
+def test_export_tool_output_file_thin_sample_and_copypaste_summary(tmp_path):
+    tool = _load_script("solo_export_defects", "tools/deploy/export_model.py")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"--output .*file: a file"):
+        tool.main(["--config-file", TINY_CONFIG, "--format", "onnx", "--output", str(tmp_path / "file")])
+    cv2.imwrite(str(tmp_path / "thin.png"), np.zeros((4, 600, 3), np.uint8))
+    with pytest.raises(UserError, match=r"--sample-image .*thin\.png: its 600x4 pixels resize .* outside the \[65,"):
+        tool.main(["--config-file", TINY_CONFIG, "--format", "onnx", "--output", str(tmp_path / "o"),
+                   "--sample-image", str(tmp_path / "thin.png"), "--allow-partial-weights", "MODEL.WEIGHTS", ""])
+    code = (f"import sys, importlib.util; sys.path.insert(0, {str(REPO)!r})\n"
+            f"spec = importlib.util.spec_from_file_location('t', {str(REPO / 'tools/deploy/export_model.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.setup_logging()\n"
+            "from detectron2.evaluation import print_csv_format\nprint_csv_format({'segm': {'AP': 1.0}})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "copypaste: Task: segm" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+def test_gui_hint_is_the_readme_install_command(demo_module):
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for cmd in ("pip install -e '.[gui]'",
+                "pip uninstall -y opencv-python-headless && pip install --force-reinstall 'opencv-python<4.11'"):
+        assert f"`{cmd}`" in readme and cmd in demo_module.GUI_INSTALL

@@ -12,18 +12,29 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-__all__ = ["REPO", "config_parser", "load_cfg", "is_solo", "calibrate_frozen_bn", "force_candidates"]
+__all__ = ["REPO", "config_parser", "load_cfg", "is_solo", "calibrate_frozen_bn", "force_candidates", "run_tool"]
+
+
+def run_tool(main) -> int:
+    """Exit status of ``main()``, a known error printed in one line (exit 2;
+    :func:`solo_d2.utils.cli.run_main`: the shared way of the command-line tools)."""
+    from solo_d2.utils.cli import run_main
+
+    return run_main(main, prog=Path(sys.argv[0]).name)
 
 
 def config_parser(doc: str, threads: int = 2):
     """An ``argparse`` parser for a tool that runs one config: ``--config-file`` (required),
-    ``--threads`` and trailing ``KEY VALUE`` config overrides (``opts``); ``doc`` is shown as
-    the description."""
+    ``--threads``, ``--debug`` (tracebacks of known errors, :mod:`solo_d2.utils.cli`) and
+    trailing ``KEY VALUE`` config overrides (``opts``); ``doc`` is shown as the description."""
     import argparse
+
+    from solo_d2.utils.cli import add_debug_flag
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True)
     p.add_argument("--threads", type=int, default=threads)
+    add_debug_flag(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return p
 

@@ -14,30 +14,36 @@ ranges (``--output``/scales.png). ``--suggest`` prints grid numbers, scale range
 helps) an input size that keep the objects, with the reason for each; ``--write-config FILE``
 writes them as a ``_BASE_`` config of CONFIG for train_net.py, with the input sizes the analysis
 used and the ``KEY VALUE`` options given here. The dataset is ``--json`` (a COCO
-json; images are not read) or ``--dataset`` (a registered Detectron2 dataset, e.g. shapes_train);
-default: the config's DATASETS.TRAIN.
+json, checked first by the same ``validate_coco_json`` as ``train_net.py --train-json``, with the
+same errors; the images are not decoded, only their headers read) or ``--dataset`` (a registered
+Detectron2 dataset, e.g. shapes_train); default: the config's DATASETS.TRAIN. A suggestion that
+does not reduce the objects lost is not written: the tool says why and exits 1. Errors are one
+line, exit status 2 (``--debug``: with the traceback).
 """
 import sys
 import time
 from pathlib import Path
 
 from _common import config_parser, load_cfg
+from solo_d2.utils.cli import UserError, run_main
 
 
 def load_dicts(args, cfg):
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import load_coco_json
 
+    from solo_d2.data.coco_json import validate_coco_json
+
     if args.json:
-        if not Path(args.json).is_file():
-            raise SystemExit(f"--json {args.json}: file not found")
         root = args.image_root or str(Path(args.json).parent)
+        # What train_net.py --train-json checks (CocoDatasetError naming each problem).
+        validate_coco_json(args.json, root, check_images=args.check_images)
         return load_coco_json(args.json, root), args.json
     names = [args.dataset] if args.dataset else list(cfg.DATASETS.TRAIN)
     dicts = []
     for name in names:
         if name not in DatasetCatalog.list():
-            raise SystemExit(f"--dataset {name}: not a registered dataset")
+            raise UserError(f"--dataset {name}: not a registered dataset")
         dicts += DatasetCatalog.get(name)
     return dicts, ", ".join(names)
 
@@ -50,6 +56,9 @@ def main(argv=None):
     p.add_argument("--suggest", action="store_true", help="suggest grids / ranges / input size")
     p.add_argument("--write-config", metavar="FILE", help="write the suggestion as a _BASE_ config")
     p.add_argument("--output", default="output/analyze_dataset", help="folder of the histogram PNG")
+    p.add_argument("--check-images", choices=("exists", "header"), default="header",
+                   help="how --json's images are checked: 'header' (default, as train_net.py: the "
+                        "file's size is read) or 'exists' (faster)")
     args = p.parse_args(argv)
     if args.json and args.dataset:
         p.error("give --json or --dataset, not both")
@@ -81,6 +90,10 @@ def main(argv=None):
         print(f"\nSuggested (took {time.perf_counter() - t0:.2f} s):")
         for r in sug.reasons:
             print("  -", r)
+        if not sug.improved:
+            print("nothing suggested" + (f"; {args.write_config} not written" if args.write_config else ""),
+                  file=sys.stderr)
+            return 1
         print(sug.coverage.table())
         print(f"histogram: {sug.coverage.plot(str(out / 'scales_suggested.png'))}")
         print("as options:", " ".join(f"'{o}'" if " " in o else o for o in sug.opts))
@@ -92,4 +105,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="analyze_dataset.py"))

@@ -14,6 +14,7 @@ backbone (+FPN), heads and the rest (postprocess and glue). Parameters come from
 ``parameter_count_table``.
 """
 import argparse
+import sys
 import json
 import logging
 from collections import defaultdict
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import _common  # noqa: E402
 from _common import calibrate_frozen_bn, force_candidates, is_solo, load_cfg
 
 
@@ -100,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+import _common  # noqa: E402
 from _common import config_parser, load_cfg
 
 
@@ -68,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import _common  # noqa: E402
 from _common import REPO, load_cfg
 
 DEFAULT_CONFIG = "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"
@@ -131,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2

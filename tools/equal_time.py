@@ -17,6 +17,7 @@ instead of wall-clock time, for a machine shared with other jobs); COCO mask AP 
 each ``minutes / points``. Results go to ``<output>/results.json`` and a plot to ``--plot``.
 """
 import argparse
+import sys
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ import torch
 from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 
+import _common  # noqa: E402
 from _common import REPO, load_cfg
 from solo_d2.engine import Trainer
 
@@ -166,4 +168,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2

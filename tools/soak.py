@@ -28,6 +28,7 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
+import _common  # noqa: E402
 from _common import REPO, load_cfg  # importing solo_d2 registers SOLO and the shapes datasets
 from solo_d2.engine import Trainer
 
@@ -188,4 +189,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2

@@ -12,10 +12,12 @@ log includes it. Prints the median and range over ``--steps`` steps after ``--wa
 """
 import logging
 import statistics
+import sys
 import time
 
 import torch
 
+import _common  # noqa: E402
 from _common import config_parser, load_cfg
 
 
@@ -60,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2

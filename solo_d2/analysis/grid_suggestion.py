@@ -23,6 +23,11 @@ The rules, in order:
    adding grid cells, which cost training time (BENCHMARKS.md, "Fit SOLO to your data"). Then
    the level losing most objects gets a 25% larger grid (or, at its cap, the input grows 25%).
 
+A suggestion that does not reduce the objects lost (causes 1 + 2 + 3 together) is not made:
+the config's settings are returned with ``improved`` False and a reason saying why (e.g. objects
+with the centre and box of another object of their image, duplicated annotations, which no grid
+tells apart).
+
 Where a grid ends finer than its level's category feature, a ``cost:`` line says so before the
 result: such a grid trains slower, and whether the objects it keeps are worth that depends on
 how many they are (measured in BENCHMARKS.md, "Fit SOLO to your data").
@@ -62,6 +67,9 @@ class GridSuggestion:
     coverage: GridCoverage
     before: GridCoverage
     changed_input: bool = False
+    #: Whether the suggestion loses fewer objects than the config (else it is the config's own
+    #: settings, and ``reasons`` says why nothing better was found).
+    improved: bool = True
 
     def settings(self, input_sizes: bool = True) -> List[Tuple[str, object]]:
         """The suggested ``(config key, value)`` pairs: grids and ranges, then (if ``input_sizes``)
@@ -244,6 +252,22 @@ def suggest_grids(cfg, geometry: ObjectGeometry, size_divisibility: int = 32, ma
             )
             widen(cover(grids, ranges, factor))
     cov = cover(grids, ranges, factor)
+    lost_before = before.cause1 + before.cause2 + before.cause3
+    lost_after = cov.cause1 + cov.cause2 + cov.cause3
+    if reasons and lost_before and lost_after >= lost_before:
+        config_grids = [int(s) for s in sc.NUM_GRIDS]
+        config_ranges = [[float(lo), float(hi)] for lo, hi in sc.SCALE_RANGES]
+        why = [
+            f"no suggestion: the best settings found (grids {grids}, input x{factor:g}) lose "
+            f"{cov.pct(lost_after):.2f}% of the objects (causes 1 + 2 + 3), the config "
+            f"{before.pct(lost_before):.2f}%: they do not reduce the losses, so the config is kept"
+        ]
+        twins = _coincident_objects(geometry)
+        if twins:
+            why.append(
+                f"{twins} objects have the centre and box of another object of their image "
+                "(duplicated annotations?): no grid or input size tells them apart; remove the copies")
+        return _result(cfg, config_grids, config_ranges, 1.0, why, before, before, improved=False)
     if not reasons:
         reasons.append("the config already keeps the objects: nothing changed")
     reasons += _finer_than_feature_notes(grids, [int(s) for s in sc.NUM_GRIDS], strides, cov.canvas_max)
@@ -253,6 +277,12 @@ def suggest_grids(cfg, geometry: ObjectGeometry, size_divisibility: int = 32, ma
         f"{before.pct(before.cause2):.2f}%, {before.pct(before.cause3):.2f}%)"
     )
     return _result(cfg, grids, ranges, factor, reasons, cov, before)
+
+
+def _coincident_objects(geometry: ObjectGeometry) -> int:
+    """Objects whose image, mask centre and box size equal those of an earlier object."""
+    rows = np.stack([geometry.img.astype(np.float64), geometry.cx, geometry.cy, geometry.bw, geometry.bh], axis=1)
+    return int(len(rows) - len(np.unique(np.round(rows, 3), axis=0)))
 
 
 def _put_on_finer_level(cov: GridCoverage, grids, ranges, reasons) -> bool:
@@ -314,7 +344,7 @@ def _finer_than_feature_notes(grids, config_grids, strides, canvas) -> List[str]
     return notes
 
 
-def _result(cfg, grids, ranges, factor, reasons, cov, before) -> GridSuggestion:
+def _result(cfg, grids, ranges, factor, reasons, cov, before, improved=True) -> GridSuggestion:
     changed = factor != 1.0
     if changed:
         train = [_round32(s * factor) for s in cfg.INPUT.MIN_SIZE_TRAIN]
@@ -327,5 +357,5 @@ def _result(cfg, grids, ranges, factor, reasons, cov, before) -> GridSuggestion:
     return GridSuggestion(
         num_grids=list(grids), scale_ranges=[(lo, hi) for lo, hi in ranges], input_scale=factor,
         min_size_train=train, max_size_train=max_train, min_size_test=min_test, max_size_test=max_test,
-        reasons=reasons, coverage=cov, before=before, changed_input=changed,
+        reasons=reasons, coverage=cov, before=before, changed_input=changed, improved=improved,
     )

@@ -15,7 +15,8 @@ annotation whose mask rasterises to zero pixels (a zero-area or sub-pixel polygo
 foreground: training drops it, COCO evaluation still counts it as ground truth), a ``bbox`` of
 zero width or height on a non-empty mask (SOLO's scale comes from the box: the object would be
 dropped from training), duplicate category names (COCO evaluation would merge their per-class
-AP entries under one name), and an image whose json size is its stored size although its EXIF
+AP entries under one name), duplicated annotations (the same mask twice in one image: no grid
+can tell them apart, and evaluation would expect two detections of one object), and an image whose json size is its stored size although its EXIF
 orientation rotates it (the message says so and which size to write).
 
 What Detectron2 already handles and is therefore accepted: category ids that are not 1..N (they
@@ -31,6 +32,8 @@ from numbers import Number
 
 import numpy as np
 
+from ..utils.cli import UserError
+
 __all__ = [
     "CocoDatasetError",
     "validate_coco_json",
@@ -44,7 +47,7 @@ logger = logging.getLogger(__name__)
 MAX_LISTED_PROBLEMS = 20
 
 
-class CocoDatasetError(ValueError):
+class CocoDatasetError(UserError, ValueError):
     """A COCO-format dataset (json or images) that cannot be used; the message names the file
     and the offending image / annotation ids."""
 
@@ -144,20 +147,22 @@ def _oriented_image_size(path, with_orientation=False):
 
 
 def _mask_area(segm, height, width):
-    """Number of pixels of a well-formed ``segmentation`` rasterised at (height, width) the way
-    Detectron2 does (pycocotools ``frPyObjects``: ``polygons_to_bitmask`` for polygons, the RLE
-    itself otherwise)."""
+    """(number of pixels, compressed RLE ``counts`` bytes) of a well-formed ``segmentation``
+    rasterised at (height, width) the way Detectron2 does (pycocotools ``frPyObjects``:
+    ``polygons_to_bitmask`` for polygons, the RLE itself otherwise); equal masks have equal
+    ``counts``, whatever their encoding."""
     import pycocotools.mask as mask_util
 
     if isinstance(segm, list):
         rles = mask_util.frPyObjects([[float(v) for v in p] for p in segm], height, width)
-        return int(mask_util.area(mask_util.merge(rles)))
-    counts = segm["counts"]
-    if isinstance(counts, list):
-        rle = mask_util.frPyObjects(segm, height, width)
+        rle = mask_util.merge(rles)
     else:
-        rle = {"size": list(segm["size"]), "counts": counts.encode("ascii")}
-    return int(mask_util.area(rle))
+        counts = segm["counts"]
+        if isinstance(counts, list):
+            rle = mask_util.frPyObjects(segm, height, width)
+        else:
+            rle = {"size": list(segm["size"]), "counts": counts.encode("ascii")}
+    return int(mask_util.area(rle)), rle["counts"]
 
 
 def _check_image_file(path, check):
@@ -316,6 +321,7 @@ def validate_coco_json(json_file, image_root, check_images="header", require_are
     ann_ids = set()
     num_crowd = 0
     with_anns = set()
+    masks = {}  # (image id, RLE counts) -> annotation ids with that mask
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             problems.append(f"annotation #{i}: not an object")
@@ -362,7 +368,9 @@ def validate_coco_json(json_file, image_root, check_images="header", require_are
         if problem:
             problems.append(f"{where}: {problem}")
         elif crowd != 1 and h is not None and w is not None:
-            pixels = _mask_area(segm, h, w)
+            pixels, counts = _mask_area(segm, h, w)
+            if pixels:
+                masks.setdefault((iid, counts), []).append(aid if aid is not None else f"#{i}")
             if pixels == 0:
                 problems.append(
                     f"{where}: the 'segmentation' covers 0 pixels when rasterised at the image's "
@@ -375,6 +383,12 @@ def validate_coco_json(json_file, image_root, check_images="header", require_are
                     f"{where}: 'bbox' {bbox} has zero width or height but the mask has {pixels} "
                     "pixels: SOLO assigns an object to a level by its box, so it would be dropped "
                     "from training; write the mask's bounding box")
+    for (iid, _), ids in masks.items():
+        if len(ids) > 1:
+            problems.append(
+                f"annotation ids {ids} (image id {iid}): the same mask {len(ids)} times (duplicated "
+                "annotations): they share every grid cell, so training keeps one and counts the "
+                "others as lost, and COCO evaluation counts each as an object; keep one of them")
     if problems:
         _fail(json_file, problems)
     return {

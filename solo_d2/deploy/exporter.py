@@ -109,12 +109,18 @@ def export_onnx(
     return path
 
 
-def deploy_metadata(cfg, class_names: Optional[Sequence[str]] = None, static_size=None) -> Dict[str, str]:
+def deploy_metadata(cfg, class_names: Optional[Sequence[str]] = None, static_size=None,
+                    input_bounds: Optional[Tuple[int, int]] = None) -> Dict[str, str]:
     """What a runner needs from the config, as strings: ``input_format``, ``min_size_test``,
     ``max_size_test`` (Detectron2's ``ResizeShortestEdge`` at test time), ``static_size``
-    ("H,W" or ""), ``class_names`` (JSON list) and ``num_classes``."""
+    ("H,W" or ""), ``class_names`` (JSON list), ``num_classes`` and, given ``input_bounds``
+    (:func:`size_bounds`), ``min_input_size`` / ``max_input_size`` (the sides a dynamic export
+    accepts)."""
     names = list(class_names) if class_names else [str(i) for i in range(cfg.MODEL.SOLO.NUM_CLASSES)]
-    return {
+    bounds = {}
+    if input_bounds is not None:
+        bounds = {"min_input_size": str(int(input_bounds[0])), "max_input_size": str(int(input_bounds[1]))}
+    return {**bounds,
         "input_format": cfg.INPUT.FORMAT,
         "min_size_test": str(int(cfg.INPUT.MIN_SIZE_TEST)),
         "max_size_test": str(int(cfg.INPUT.MAX_SIZE_TEST)),

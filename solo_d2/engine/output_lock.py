@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Optional
 
+from ..utils.cli import UserError
 from ..utils.file_io import pid_alive
 
 __all__ = ["OutputDirLock", "OutputDirBusyError", "output_dir_lock", "LOCK_NAME"]
@@ -41,7 +42,7 @@ logger = logging.getLogger("detectron2.solo_d2.output_lock")
 LOCK_NAME = ".solo_d2.lock"
 
 
-class OutputDirBusyError(RuntimeError):
+class OutputDirBusyError(UserError, RuntimeError):
     """Another live process holds the lock of the output folder."""
 
 
