@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from detectron2.modeling import build_model
 
 import solo_d2  # noqa: F401
-from solo_d2.checkpoint_conversion import convert_state_dict
+from solo_d2.conversion import convert_state_dict
 from solo_d2.config import get_solo_cfg
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")

@@ -24,7 +24,7 @@ import sys
 
 import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
 import torch
-from solo_d2.checkpoint_conversion import (  # noqa: E402
+from solo_d2.conversion import (  # noqa: E402
     AUTHOR, ConversionError, check_against_model, config_file_for, config_overrides,
     convert_state_dict, converted_config, extract_state_dict, load_source_checkpoint,
 )

@@ -448,7 +448,7 @@ def full_size(head: str, seed: int, opts=()):
     import solo_d2  # noqa: F401
     from detectron2.modeling import build_model
 
-    from solo_d2.checkpoint_conversion import check_against_model, config_file_for, convert_state_dict, converted_config
+    from solo_d2.conversion import check_against_model, config_file_for, convert_state_dict, converted_config
 
     images = make_images([(800, 1333)], seed)
     model = build_mmdet(head, True, 100, seed, images, cate_bias=-4.6, cate_std=1.2)

@@ -1,0 +1,80 @@
+"""Convert published SOLO checkpoints and ImageNet ResNet weights to solo_d2 parameter names.
+
+One module per source layout, each a :class:`~.core.Layout` registered with
+:func:`~.core.register_layout` (adding a layout is adding a module and importing it here):
+
+- :mod:`.mmdet`: mmdetection 2.x / 3.x ``SOLO`` and ``SOLOv2`` detectors (``mask_head.*``);
+- :mod:`.official`: the official SOLO repository (github.com/WXinlong/SOLO, ``bbox_head.*``);
+- :mod:`.torchvision`: torchvision ResNet ImageNet state dicts (backbone only).
+
+The shared core: :mod:`.core` (errors, :class:`ConvertedCheckpoint`, reading files safely, the
+layout registry, :func:`convert_state_dict`), :mod:`.describe` (head type and sizes read from the
+converted weights, completeness), :mod:`.configs` (config choice) and :mod:`.check` (checking
+against the model a config builds).
+
+Head types (from the mask output layers): ``"SOLO"`` (one S^2-channel conv per level),
+``"DecoupledSOLO"`` (separate X and Y towers, one coordinate channel each),
+``"DecoupledSOLOLight"`` (one tower, X and Y output convs) and ``"SOLOv2"`` (a kernel conv and
+a mask feature branch; its weights do not give the grid numbers, which come from the config).
+Deformable convs (mmcv / mmdet 1.x ``DeformConvPack`` and ``ModulatedDeformConvPack``:
+``conv.weight`` + ``conv.conv_offset.*``) map to :class:`solo_d2.modeling.layers.DeformConv`;
+the offset conv's channels tell DCN v1 (2 k^2) from modulated DCN v2 (3 k^2, the published
+SOLOv2 DCN models), whose channel order (offsets, then modulation logits) ``DeformConv`` keeps.
+Deformable tower convs set ``MODEL.SOLO.NUM_DEFORMABLE_CONVS`` / ``DEFORMABLE_MODULATED``,
+deformable SOLOv2 mask feature convs ``MODEL.SOLO.MASK_FEATURE_DEFORMABLE``; deformable backbone
+convs (``layer{2..4}.{b}.conv2.conv_offset.*``) select ``build_solo_resnet_fpn_backbone`` with
+``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` / ``DEFORM_MODULATED``. (The key names and shapes are
+checked; the numerical equality of mmcv's and torchvision's deformable conv cannot be checked
+here: mmcv-lite has no compiled ops.)
+
+Checkpoint files are read with ``torch.load(weights_only=True)``; one that holds other Python
+objects (mmengine's checkpoints keep a ``message_hub`` of ``HistoryBuffer`` objects in ``meta``)
+is only unpickled when the caller allows it (``--unsafe-load``).
+
+solo_d2 names (Detectron2's ResNet/FPN, the heads of :mod:`solo_d2.modeling.heads`,
+``docs/head_parameter_names.md``):
+``backbone.bottom_up.stem.conv1[.norm]``, ``backbone.bottom_up.res{2..5}.{b}.conv{k}[.norm]``,
+``.shortcut[.norm]`` (FrozenBN buffers ``weight, bias, running_mean, running_var``),
+``backbone.fpn_lateral{2..5}``, ``backbone.fpn_output{2..5}``, ``head.cate_tower.{i}``
+(``[conv, norm, ReLU]`` per conv, or ``[conv, ReLU]`` without norm), ``head.cate_pred``,
+``head.mask_tower`` / ``head.mask_tower_x`` / ``head.mask_tower_y``, ``head.mask_preds.{l}`` or
+``head.mask_preds.{l}.x`` / ``.y``; SOLOv2: ``head.kernel_tower.{i}``, ``head.kernel_pred``,
+``head.mask_feature.levels.{i}.{j}[.norm]``, ``head.mask_feature.pred[.norm]``.
+
+Every source key is either mapped or named in an error; nothing is dropped silently except
+BatchNorm's ``num_batches_tracked`` counters, torchvision's ``fc`` classifier and mmengine's
+(parameter-free) ``data_preprocessor`` entries.
+"""
+# Layouts, in the order they are tried (registration order).
+from . import mmdet, official, torchvision  # noqa: F401  (register the layouts)
+from .check import check_against_model
+from .configs import config_file_for, config_overrides, converted_config
+from .core import (
+    AUTHOR,
+    ConversionError,
+    ConvertedCheckpoint,
+    Layout,
+    convert_state_dict,
+    detect_layout,
+    extract_state_dict,
+    get_layout,
+    load_source_checkpoint,
+    register_layout,
+)
+
+__all__ = [
+    "ConversionError",
+    "ConvertedCheckpoint",
+    "Layout",
+    "register_layout",
+    "get_layout",
+    "load_source_checkpoint",
+    "extract_state_dict",
+    "detect_layout",
+    "convert_state_dict",
+    "converted_config",
+    "config_overrides",
+    "config_file_for",
+    "check_against_model",
+    "AUTHOR",
+]
