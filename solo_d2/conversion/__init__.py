@@ -5,7 +5,9 @@ One module per source layout, each a :class:`~.core.Layout` registered with
 
 - :mod:`.mmdet`: mmdetection 2.x / 3.x ``SOLO`` and ``SOLOv2`` detectors (``mask_head.*``);
 - :mod:`.official`: the official SOLO repository (github.com/WXinlong/SOLO, ``bbox_head.*``);
-- :mod:`.torchvision`: torchvision ResNet ImageNet state dicts (backbone only).
+- :mod:`.torchvision`: torchvision ResNet ImageNet state dicts (backbone only);
+- :mod:`.detectron2_imagenet`: Detectron2's model-zoo ImageNet ResNet ``.pkl`` files (MSRA,
+  caffe-style; backbone only), read with a restricted unpickler.
 
 The shared core: :mod:`.core` (errors, :class:`ConvertedCheckpoint`, reading files safely, the
 layout registry, :func:`convert_state_dict`), :mod:`.describe` (head type and sizes read from the
@@ -27,9 +29,14 @@ convs (``layer{2..4}.{b}.conv2.conv_offset.*``) select ``build_solo_resnet_fpn_b
 checked; the numerical equality of mmcv's and torchvision's deformable conv cannot be checked
 here: mmcv-lite has no compiled ops.)
 
-Checkpoint files are read with ``torch.load(weights_only=True)``; one that holds other Python
-objects (mmengine's checkpoints keep a ``message_hub`` of ``HistoryBuffer`` objects in ``meta``)
-is only unpickled when the caller allows it (``--unsafe-load``).
+Checkpoint files are read with ``torch.load(weights_only=True)``, ``.pkl`` files with an unpickler
+that rebuilds numpy arrays and plain containers only; one that holds other Python objects
+(mmengine's checkpoints keep a ``message_hub`` of ``HistoryBuffer`` objects in ``meta``) is only
+unpickled when the caller allows it (``--unsafe-load``).
+
+Each layout has a backbone style (``"pytorch"``: torchvision's ResNets; ``"caffe"``: Detectron2's
+MSRA ResNets) with the same tensor shapes: the config is chosen from the layout, and a config of
+the other style is refused (:func:`~.configs.check_input_style`).
 
 solo_d2 names (Detectron2's ResNet/FPN, the heads of :mod:`solo_d2.modeling.heads`,
 ``docs/head_parameter_names.md``):
@@ -42,13 +49,15 @@ solo_d2 names (Detectron2's ResNet/FPN, the heads of :mod:`solo_d2.modeling.head
 ``head.mask_feature.levels.{i}.{j}[.norm]``, ``head.mask_feature.pred[.norm]``.
 
 Every source key is either mapped or named in an error; nothing is dropped silently except
-BatchNorm's ``num_batches_tracked`` counters, torchvision's ``fc`` classifier and mmengine's
-(parameter-free) ``data_preprocessor`` entries.
+BatchNorm's ``num_batches_tracked`` counters, the ImageNet classifiers (torchvision's ``fc``,
+Caffe2's ``fc1000``), mmengine's (parameter-free) ``data_preprocessor`` entries and Caffe2's
+round-off stem conv bias.
 """
 # Layouts, in the order they are tried (registration order).
-from . import mmdet, official, torchvision  # noqa: F401  (register the layouts)
+from . import mmdet, official, torchvision, detectron2_imagenet  # noqa: F401  (register them)
 from .check import check_against_model
-from .configs import config_file_for, config_overrides, converted_config
+from .configs import (INPUT_STYLES, check_input_style, config_file_for, config_overrides,
+                      converted_config)
 from .core import (
     AUTHOR,
     ConversionError,
@@ -57,7 +66,9 @@ from .core import (
     convert_state_dict,
     detect_layout,
     extract_state_dict,
+    NumpyOnlyUnpickler,
     get_layout,
+    load_numpy_pickle,
     load_source_checkpoint,
     register_layout,
 )
@@ -76,5 +87,9 @@ __all__ = [
     "config_overrides",
     "config_file_for",
     "check_against_model",
+    "check_input_style",
+    "INPUT_STYLES",
+    "NumpyOnlyUnpickler",
+    "load_numpy_pickle",
     "AUTHOR",
 ]

@@ -8,12 +8,37 @@ from typing import List, Optional, Tuple
 from .core import ConversionError, ConvertedCheckpoint
 
 _CONFIG_DIR = os.path.join("configs", "COCO-InstanceSegmentation")
+#: the configs of caffe-style sources (AdelaiDet's SOLOv2, Detectron2's ImageNet pickles)
+_CAFFE_CONFIG_DIR = os.path.join(_CONFIG_DIR, "AdelaiDet")
+
+#: What each backbone style needs of a config. The tensor shapes of both styles are the same,
+#: so weights of one style load into a model of the other without error and predict garbage.
+#: "pytorch": torchvision's ResNets (mmdetection, the official repository): the stride in each
+#: bottleneck's 3x3 conv, RGB input normalised with torchvision's ImageNet mean and std.
+#: "caffe": Detectron2's MSRA ResNets (its ImageNet pickles, AdelaiDet): the stride in the 1x1
+#: conv, BGR input, MSRA means, no std scaling.
+INPUT_STYLES = {
+    "pytorch": {
+        "MODEL.RESNETS.STRIDE_IN_1X1": False,
+        "INPUT.FORMAT": "RGB",
+        "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+        "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
+    },
+    "caffe": {
+        "MODEL.RESNETS.STRIDE_IN_1X1": True,
+        "INPUT.FORMAT": "BGR",
+        "MODEL.PIXEL_MEAN": [103.530, 116.280, 123.675],
+        "MODEL.PIXEL_STD": [1.0, 1.0, 1.0],
+    },
+}
 
 
 def config_file_for(conv: ConvertedCheckpoint,
                     source_name: str = "",
                     root: str = ".") -> Tuple[str, List[str]]:
     """The ``configs/COCO-InstanceSegmentation/*.yaml`` path for a converted checkpoint, and notes.
+
+    Caffe-style sources (``conv.style``) get one of ``configs/COCO-InstanceSegmentation/AdelaiDet``.
 
     Chosen from the head type, the ResNet depth, light / DCN and (for schedules that exist as
     both 1x and 3x) a "1x" in ``source_name``. SOLOv2 is "light" when its towers have fewer
@@ -22,6 +47,12 @@ def config_file_for(conv: ConvertedCheckpoint,
     with a note saying which keys to change.
     """
     head = conv.head or "SOLO"
+    if conv.style == "caffe":
+        # caffe-style sources: AdelaiDet's SOLOv2 and the ImageNet ResNets it trains from
+        if conv.head not in (None, "SOLOv2"):
+            raise ConversionError(f"no caffe-style {conv.head} config (configs of that style are "
+                                  f"SOLOv2's only, in {_CAFFE_CONFIG_DIR})")
+        head = "SOLOv2"
     base = {
         "SOLO": "SOLO",
         "DecoupledSOLO": "DecoupledSOLO",
@@ -38,7 +69,8 @@ def config_file_for(conv: ConvertedCheckpoint,
         prefix = base + "_DCN"
     elif deformable and head == "SOLOv2":
         suffix = "_DCN"
-    folder = os.path.join(root, _CONFIG_DIR)
+    config_dir = _CAFFE_CONFIG_DIR if conv.style == "caffe" else _CONFIG_DIR
+    folder = os.path.join(root, config_dir)
     available = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     notes = []
 
@@ -70,7 +102,7 @@ def config_file_for(conv: ConvertedCheckpoint,
     schedules = found[depth]
     sched = "1x" if "1x" in os.path.basename(source_name) and "1x" in schedules else (
         "3x" if "3x" in schedules else schedules[0])
-    path = os.path.join(_CONFIG_DIR, f"{prefix}_R{depth}{suffix}{'_' + sched if sched else ''}.yaml")
+    path = os.path.join(config_dir, f"{prefix}_R{depth}{suffix}{'_' + sched if sched else ''}.yaml")
     return path, notes
 
 
@@ -167,3 +199,32 @@ def converted_config(conv: ConvertedCheckpoint, config_file: Optional[str] = Non
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
+
+
+def _cfg_value(cfg, key):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def check_input_style(cfg, conv: ConvertedCheckpoint, config_path: str) -> None:
+    """Raise :class:`ConversionError` unless ``cfg`` has the input and ResNet settings of the
+    checkpoint's backbone style (:data:`INPUT_STYLES`; ``STRIDE_IN_1X1`` only for bottleneck
+    ResNets, where it matters); the message names the source's settings and the config's."""
+    want = INPUT_STYLES[conv.style]
+    keys = [k for k in want if k != "MODEL.RESNETS.STRIDE_IN_1X1" or conv.depth >= 50]
+
+    def same(a, b):
+        if isinstance(b, list):
+            return len(a) == len(b) and all(abs(float(x) - y) < 1e-3 for x, y in zip(a, b))
+        return a == b
+
+    wrong = [k for k in keys if not same(_cfg_value(cfg, k), want[k])]
+    if wrong:
+        source = ", ".join(f"{k} {want[k]}" for k in keys)
+        config = ", ".join(f"{k} {list(v) if isinstance(v, (list, tuple)) else v}"
+                           for k in keys for v in [_cfg_value(cfg, k)])
+        raise ConversionError(
+            f"the {conv.layout} checkpoint is {conv.style}-style ({source}) but {config_path} "
+            f"has {config}: that model would load these weights and predict garbage; use a "
+            f"{conv.style}-style config (or leave --config-file out to get one)")

@@ -7,6 +7,7 @@ whether a state dict is in that layout and ``rename(sd)`` gives its tensors in s
 (:mod:`.describe`) and checks it is complete.
 """
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -55,13 +56,18 @@ class ConvertedCheckpoint:
     mask_feature_channels: Optional[int] = None
     mask_feature_num_levels: Optional[int] = None
     dynamic_kernel_size: Optional[int] = None
+    #: the backbone's style, which decides the config's input and ResNet settings
+    #: (:data:`solo_d2.conversion.configs.INPUT_STYLES`): "pytorch" (torchvision ResNets) or
+    #: "caffe" (Detectron2's MSRA ResNets)
+    style: str = "pytorch"
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading the source file
 # ---------------------------------------------------------------------------------------------
 def load_source_checkpoint(path: str, unsafe_load: bool = False):
-    """``torch.load`` a checkpoint: ``weights_only=True`` unless ``unsafe_load``.
+    """``torch.load`` a checkpoint: ``weights_only=True`` unless ``unsafe_load``; a ``.pkl``
+    (Detectron2 / Caffe2 model zoo) with :class:`NumpyOnlyUnpickler` unless ``unsafe_load``.
 
     A file that needs arbitrary unpickling (mmengine checkpoints keep Python objects in ``meta``)
     raises :class:`ConversionError` saying that ``--unsafe-load`` is needed, for a file the user
@@ -69,6 +75,18 @@ def load_source_checkpoint(path: str, unsafe_load: bool = False):
     """
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
+    if path.endswith(".pkl"):  # Detectron2 / Caffe2 model zoo: a pickle of numpy arrays
+        with open(path, "rb") as f:
+            if unsafe_load:
+                return pickle_weights(pickle.load(f, encoding="latin1"))
+            try:
+                return pickle_weights(load_numpy_pickle(f))
+            except pickle.UnpicklingError as e:
+                raise ConversionError(
+                    f"{path} holds more than numpy arrays ({e}: unpickling it could run code); if "
+                    "you trust this file, rerun with --unsafe-load") from None
+            except EOFError:
+                raise ConversionError(f"{path} is truncated (the pickle ends early)") from None
     if unsafe_load:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
@@ -80,6 +98,62 @@ def load_source_checkpoint(path: str, unsafe_load: bool = False):
         raise ConversionError(
             f"{path} needs arbitrary unpickling to load (it holds Python objects, which can run "
             f"code: {detail[:200]}); if you trust this file, rerun with --unsafe-load") from None
+
+
+#: The only globals a weights pickle may name: numpy arrays, dtypes, scalars and plain containers
+#: (what Detectron2 / Caffe2 model-zoo ``.pkl`` files hold).
+_NUMPY_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # Python 2 pickles of bytes, read with encoding="latin1"
+    ("__builtin__", "set"),
+    ("builtins", "set"),
+}
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays, numpy dtypes / scalars and plain containers
+    (dict, list, tuple, set, str, numbers) and nothing else: any other global (a function or
+    class the pickle would call, which can run code) raises ``pickle.UnpicklingError`` naming
+    it (``global 'builtins.exec' is not allowed``)."""
+
+    def find_class(self, module, name):
+        if (module, name) in _NUMPY_PICKLE_GLOBALS or (
+                module in ("numpy", "numpy.dtypes") and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def load_numpy_pickle(f):
+    """Unpickle the open binary file ``f`` with :class:`NumpyOnlyUnpickler` (``latin1`` strings,
+    as Python 2 pickles of the Caffe2 model zoo need)."""
+    return NumpyOnlyUnpickler(f, encoding="latin1").load()
+
+
+def pickle_weights(data) -> Dict[str, object]:
+    """The weights of an unpickled Detectron2 / Caffe2 ``.pkl``, read as Detectron2 reads them:
+    ``data["model"]`` of a Detectron2 file (``"model"`` and ``"__author__"``), else
+    ``data["blobs"]`` or ``data`` itself without Caffe2's ``*_momentum`` blobs; numpy arrays
+    become tensors."""
+    import numpy as np
+
+    if not isinstance(data, dict):
+        raise ConversionError(f"a .pkl checkpoint must hold a dict, got {type(data).__name__}")
+    if "model" in data and "__author__" in data:
+        data = data["model"]
+    elif "blobs" in data:
+        data = data["blobs"]
+    if not isinstance(data, dict):
+        raise ConversionError(f"the weights of a .pkl checkpoint must be a dict, got {type(data).__name__}")
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in data.items() if not k.endswith("_momentum")}
 
 
 def extract_state_dict(obj) -> Dict[str, torch.Tensor]:
@@ -138,12 +212,14 @@ class Layout:
 
     Subclasses set ``name`` (what :func:`detect_layout` returns and converted files record),
     ``description`` (its keys, for the unknown-layout error) and ``backbone_only`` (its files
-    hold a ResNet and nothing else), and implement :meth:`detect` and :meth:`rename`.
+    hold a ResNet and nothing else) and ``style`` (its backbone's style), and implement :meth:`detect` and :meth:`rename`.
     """
 
     name = ""
     description = ""
     backbone_only = False
+    #: the style of its ResNets: "pytorch" or "caffe" (:data:`.configs.INPUT_STYLES`)
+    style = "pytorch"
 
     def detect(self, keys: List[str]) -> bool:
         """Whether a state dict with these keys is in this layout."""
@@ -246,7 +322,8 @@ def convert_state_dict(sd: Dict[str, torch.Tensor]) -> ConvertedCheckpoint:
           if not k.endswith("num_batches_tracked") and not k.startswith("data_preprocessor.")}
     out, has_norm = layout.rename(sd)
     info = describe_backbone(out)
-    result = ConvertedCheckpoint(state_dict=out, layout=layout.name, head=None, **info)
+    result = ConvertedCheckpoint(state_dict=out, layout=layout.name, head=None, style=layout.style,
+                                 **info)
     if not layout.backbone_only:
         describe_neck(out, result)
         describe_head(out, result, has_norm)
