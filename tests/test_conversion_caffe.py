@@ -170,3 +170,79 @@ def test_a_solo_config_trains_from_an_imagenet_pkl_without_unsafe_load(tiny_data
     # stem and res2 frozen (FREEZE_AT 2): still the .pkl's; the head trained
     assert np.array_equal(after["backbone.bottom_up.res2.0.conv1.weight"].numpy(), blobs["res2_0_branch2a_w"])
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------
+# AdelaiDet's SOLOv2
+# ---------------------------------------------------------------------------------------------
+ADELAIDET_NARROW = NARROW + ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.SOLO.NUM_CLASSES", "3",
+                             "MODEL.SOLO.CONV_CHANNELS", "64", "MODEL.SOLO.MASK_FEATURE_DIM", "32",
+                             "MODEL.SOLO.MASK_FEATURE_CHANNELS", "32"]
+
+
+def adelaidet_state_dict(seed=0):
+    """A random AdelaiDet SOLOv2 state dict in its names (adet/modeling/solov2/solov2.py:
+    ``ins_head.{cate,kernel}_tower.{0,3,6,9}`` convs and ``{1,4,7,10}`` GNs, ``mask_head.
+    convs_all_levels.{i}.conv{j}.{0,1}``, ``mask_head.conv_pred.{0,1}``), narrow widths."""
+    import re
+
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(solo_test_cfg(str(REPO / CAFFE_R50), ADELAIDET_NARROW))
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith(("pixel_mean", "pixel_std")):
+            continue
+        k = re.sub(r"^head\.(cate_tower|kernel_tower|cate_pred|kernel_pred)\.", r"ins_head.\1.", k)
+        k = re.sub(r"^head\.mask_feature\.levels\.(\d+)\.(\d+)\.norm\.", r"mask_head.convs_all_levels.\1.conv\2.1.", k)
+        k = re.sub(r"^head\.mask_feature\.levels\.(\d+)\.(\d+)\.", r"mask_head.convs_all_levels.\1.conv\2.0.", k)
+        k = re.sub(r"^head\.mask_feature\.pred\.norm\.", "mask_head.conv_pred.1.", k)
+        k = re.sub(r"^head\.mask_feature\.pred\.", "mask_head.conv_pred.0.", k)
+        out[k] = torch.randn_like(v) if v.is_floating_point() else v
+    return out
+
+
+def test_adelaidet_checkpoint_converts_to_its_caffe_style_config(convert_weights, tmp_path, capsys):
+    from detectron2.modeling import build_model
+
+    sd = adelaidet_state_dict()
+    assert any(k.startswith("ins_head.kernel_tower.9.") for k in sd)
+    assert "mask_head.convs_all_levels.3.conv2.1.bias" in sd and "mask_head.conv_pred.1.weight" in sd
+    src = tmp_path / "SOLOv2_R50_3x.pth"
+    torch.save({"model": sd, "iteration": 269999}, src)
+    dst = tmp_path / "d2.pth"
+    rc, lines, err = run_cli(convert_weights, [src, dst], capsys)
+    assert rc == 0, err
+    assert lines[-1] == CAFFE_R50
+    assert "adelaidet layout, SOLOv2 head, 3 classes" in lines[0]
+    opts = next(l for l in lines if "--opts" in l).split("--opts ")[1].split()
+    # the printed config with the printed options builds the model the weights load into strictly
+    cfg = solo_test_cfg(str(REPO / lines[-1]), opts + ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
+    model = build_model(cfg)
+    SafeDetectionCheckpointer(model).load(str(dst))
+    loaded = model.state_dict()
+    assert torch.equal(loaded["head.kernel_tower.0.weight"], sd["ins_head.kernel_tower.0.weight"])
+    assert loaded["head.kernel_tower.0.weight"].shape[1] == 32 + 2  # the coordinate channels
+    assert torch.equal(loaded["head.mask_feature.levels.3.2.norm.bias"], sd["mask_head.convs_all_levels.3.conv2.1.bias"])
+    assert torch.equal(loaded["head.mask_feature.pred.weight"], sd["mask_head.conv_pred.0.weight"])
+    assert torch.equal(loaded["backbone.fpn_lateral5.bias"], sd["backbone.fpn_lateral5.bias"])
+
+
+def test_adelaidet_checkpoint_refuses_a_torchvision_style_config(convert_weights, tmp_path, capsys):
+    src = tmp_path / "SOLOv2_R50_3x.pth"
+    torch.save({"model": adelaidet_state_dict()}, src)
+    cfg = "configs/COCO-InstanceSegmentation/SOLOv2_R50_3x.yaml"
+    rc, lines, err = run_cli(convert_weights, [src, tmp_path / "d.pth", "--config-file", cfg], capsys)
+    assert rc == 1 and not (tmp_path / "d.pth").exists()
+    assert "adelaidet checkpoint is caffe-style" in err and cfg in err
+    assert "MODEL.PIXEL_STD [1.0, 1.0, 1.0]" in err and "MODEL.PIXEL_STD [58.395, 57.12, 57.375]" in err
+
+
+def test_adelaidet_leftover_keys_are_named(convert_weights, tmp_path, capsys):
+    sd = adelaidet_state_dict()
+    sd["ins_head.centerness.weight"] = torch.zeros(1)
+    src = tmp_path / "x.pth"
+    torch.save({"model": sd}, src)
+    rc, lines, err = run_cli(convert_weights, [src, tmp_path / "d.pth"], capsys)
+    assert rc == 1 and "leftover" in err and "ins_head.centerness.weight" in err

@@ -5,6 +5,8 @@ One module per source layout, each a :class:`~.core.Layout` registered with
 
 - :mod:`.mmdet`: mmdetection 2.x / 3.x ``SOLO`` and ``SOLOv2`` detectors (``mask_head.*``);
 - :mod:`.official`: the official SOLO repository (github.com/WXinlong/SOLO, ``bbox_head.*``);
+- :mod:`.adelaidet`: AdelaiDet's SOLOv2 (github.com/aim-uofa/AdelaiDet, ``ins_head.*``,
+  ``mask_head.*``; caffe-style);
 - :mod:`.torchvision`: torchvision ResNet ImageNet state dicts (backbone only);
 - :mod:`.detectron2_imagenet`: Detectron2's model-zoo ImageNet ResNet ``.pkl`` files (MSRA,
   caffe-style; backbone only), read with a restricted unpickler.
@@ -53,8 +55,10 @@ BatchNorm's ``num_batches_tracked`` counters, the ImageNet classifiers (torchvis
 Caffe2's ``fc1000``), mmengine's (parameter-free) ``data_preprocessor`` entries and Caffe2's
 round-off stem conv bias.
 """
-# Layouts, in the order they are tried (registration order).
-from . import mmdet, official, torchvision, detectron2_imagenet  # noqa: F401  (register them)
+# Layouts, in the order they are tried (registration order; AdelaiDet's before mmdetection's,
+# whose 'mask_head.*' prefix AdelaiDet's checkpoints have too).
+from . import adelaidet  # noqa: F401,I001  (register the layouts)
+from . import torchvision, mmdet, official, detectron2_imagenet  # noqa: F401,I001
 from .check import check_against_model
 from .configs import (INPUT_STYLES, check_input_style, config_file_for, config_overrides,
                       converted_config)

@@ -59,7 +59,8 @@ def config_file_for(conv: ConvertedCheckpoint,
         "DecoupledSOLOLight": "DecoupledSOLO_Light",
         "SOLOv2": "SOLOv2",
     }[head]
-    if head == "SOLOv2" and conv.num_stacked_convs is not None and conv.num_stacked_convs < 4:
+    if (conv.style == "pytorch" and head == "SOLOv2" and conv.num_stacked_convs is not None
+            and conv.num_stacked_convs < 4):
         base += "_Light"
     deformable = bool(conv.num_deformable_convs or any(conv.deform_stages)
                       or conv.mask_feature_deformable)
