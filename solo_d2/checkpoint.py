@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .conversion.core import load_numpy_pickle
 from .utils.cli import UserError
 from .utils.file_io import atomic_write
 
@@ -151,33 +152,6 @@ def unreadable_checkpoint_error(path: str, e: BaseException) -> CheckpointFileEr
 
 def _is_local(path: str) -> bool:
     return "://" not in path
-
-
-# --------------------------------------------------------------------------------------------
-# Restricted unpickler for Detectron2 / Caffe2 model-zoo .pkl files (dicts of numpy arrays).
-_SAFE_PKL_GLOBALS = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("collections", "OrderedDict"),
-    ("_codecs", "encode"),  # Python 2 pickles of bytes, read with encoding="latin1"
-    ("__builtin__", "set"),
-    ("builtins", "set"),
-}
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_PKL_GLOBALS or (
-            module in ("numpy", "numpy.dtypes") and name.endswith("DType")
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -309,7 +283,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             if not self.allow_unsafe_load:
                 with self.path_manager.open(filename, "rb") as fh:
                     try:
-                        data = _NumpyOnlyUnpickler(fh, encoding="latin1").load()
+                        data = load_numpy_pickle(fh)
                     except pickle.UnpicklingError as e:
                         raise UnsafeCheckpointError(_unsafe_message(filename, str(e))) from None
                     except EOFError as e:

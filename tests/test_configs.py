@@ -84,7 +84,7 @@ def test_flop_count_traces_the_model():
 def test_published_configs_use_torchvision_style_inputs():
     # The published models: torchvision ResNets (stride in the 3x3 conv), RGB input normalised
     # with torchvision's ImageNet statistics, a converted torchvision checkpoint (never a URL).
-    published = [c for c in CONFIGS if "COCO-InstanceSegmentation" in c]
+    published = [c for c in CONFIGS if "COCO-InstanceSegmentation" in c and "AdelaiDet" not in c]
     assert len(published) == 16  # the base and one per published model (8 SOLO, 7 SOLOv2)
     for path in published:
         cfg = _load(path)
@@ -227,3 +227,18 @@ def test_small_data_config_crops_and_jitters_in_the_training_mapper():
     assert resize.is_range is False
     test_augs = FileNamingDatasetMapper(cfg, False).augmentations.augs
     assert not any(isinstance(a, T.RandomCrop) for a in test_augs)
+
+
+def test_adelaidet_configs_are_caffe_style():
+    # AdelaiDet's SOLOv2 models: Detectron2's MSRA ResNets (stride in the 1x1 conv), BGR input
+    # with the MSRA means and no std scaling, trained from Detectron2's ImageNet .pkl files.
+    adelaidet = [c for c in CONFIGS if "AdelaiDet" in c]
+    assert sorted(Path(c).name for c in adelaidet) == [
+        "Base-SOLOv2-AdelaiDet.yaml", "SOLOv2_R101_3x.yaml", "SOLOv2_R50_3x.yaml"]
+    for path in adelaidet:
+        cfg = _load(path)
+        assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is True and cfg.INPUT.FORMAT == "BGR", path
+        assert cfg.MODEL.PIXEL_MEAN == [103.530, 116.280, 123.675] and cfg.MODEL.PIXEL_STD == [1.0, 1.0, 1.0], path
+        assert cfg.MODEL.WEIGHTS.startswith("detectron2://ImageNetPretrained/MSRA/R-"), path
+        assert cfg.MODEL.SOLO.HEAD_TYPE == "SOLOv2Head" and cfg.MODEL.SOLO.CONV_CHANNELS == 512, path
+    assert _load("configs/COCO-InstanceSegmentation/AdelaiDet/SOLOv2_R101_3x.yaml").MODEL.RESNETS.DEPTH == 101

@@ -1,4 +1,4 @@
-"""tools/convert_weights.py and solo_d2.checkpoint_conversion: every published layout converts
+"""tools/convert_weights.py and solo_d2.conversion: every published layout converts
 (synthetic, small source state dicts written here with mmdetection's / the official repository's
 / torchvision's key names), the output loads with weights_only=True into the right model, the
 last printed line is the config, and every refusal path exits non-zero naming the problem."""
@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 import solo_d2  # noqa: F401
 from helpers import cpu_env, load_script
 from solo_d2.checkpoint import SafeDetectionCheckpointer
-from solo_d2.checkpoint_conversion import (
+from solo_d2.conversion import (
     ConvertedCheckpoint,
     config_file_for,
     convert_state_dict,
@@ -620,7 +620,7 @@ def test_solov2_r101_dcn_converts_and_loads_strictly_into_the_published_config(n
     feature conv) at full size: its config is SOLOv2_R101_DCN_3x.yaml unchanged (no --opts), and
     the converted weights load strictly into the model that config builds."""
     from helpers import solo_test_cfg
-    from solo_d2.checkpoint_conversion import check_against_model, config_overrides
+    from solo_d2.conversion import check_against_model, config_overrides
 
     sd = source_v2(names, depth=101, base=64, fpn_ch=256, backbone_dcn=True, ch=512, convs=4,
                    classes=80, e=256, mf_ch=128, dcn=True, mf_dcn=True)

@@ -1,4 +1,4 @@
-"""Parity with mmdetection 3.3.0: golden fixtures made by mmdetection itself
+"""Parity with mmdetection 3.3.0 and AdelaiDet: golden fixtures made by mmdetection itself
 (``tools/make_parity_fixtures.py``; see its docstring for how to regenerate them), loaded here
 through solo_d2's checkpoint converter, with no mmdetection installed.
 
@@ -8,6 +8,10 @@ same size in one batch. solo_d2 runs the same batch; it must give the same categ
 soft masks (within 1e-4), and the same final predictions (count, classes, scores within 1e-4,
 mask IoU >= 0.99). The fixtures keep 100 candidates before Matrix NMS (mmdetection's
 ``nms_pre``; published: 500) out of ~320, so that the place of that top-k matters.
+
+``AdelaiDet_SOLOv2.pth`` is the same made by AdelaiDet's own SOLOv2 (``--adelaidet-path`` of the
+tool): a narrow caffe-style ResNet-50 (stem 8, bottleneck width 4, ``STRIDE_IN_1X1 True``) on
+BGR images, loaded through the converter's AdelaiDet layout with the same tolerances.
 """
 import os
 
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from detectron2.modeling import build_model
 
 import solo_d2  # noqa: F401
-from solo_d2.checkpoint_conversion import convert_state_dict
+from solo_d2.conversion import convert_state_dict
 from solo_d2.config import get_solo_cfg
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
@@ -31,8 +35,12 @@ HEAD_TYPES = {
 }
 
 
-def load_fixture(head):
-    return torch.load(os.path.join(FIXTURES, f"{head}.pth"), weights_only=True)
+#: fixture files: one per mmdetection head, and AdelaiDet's SOLOv2
+FIXTURE_NAMES = sorted(HEAD_TYPES) + ["AdelaiDet_SOLOv2"]
+
+
+def load_fixture(name):
+    return torch.load(os.path.join(FIXTURES, f"{name}.pth"), weights_only=True)
 
 
 def solo_cfg(fx):
@@ -42,12 +50,19 @@ def solo_cfg(fx):
     cfg.MODEL.META_ARCHITECTURE = "SOLO"
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.BACKBONE.NAME = "build_narrow_resnet_fpn_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.RESNETS.DEPTH = c["resnet_depth"]
-    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = c["resnet_base_channels"]
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = c["resnet_base_channels"]
-    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    if c.get("source") == "adelaidet":  # Detectron2's caffe-style bottleneck ResNet
+        cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+        cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = c["resnet_stem_channels"]
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = c["resnet_res2_channels"]
+        cfg.MODEL.RESNETS.WIDTH_PER_GROUP = c["resnet_width_per_group"]
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = c["stride_in_1x1"]
+    else:
+        cfg.MODEL.BACKBONE.NAME = "build_narrow_resnet_fpn_backbone"
+        cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = c["resnet_base_channels"]
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = c["resnet_base_channels"]
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
@@ -83,13 +98,14 @@ def solo_cfg(fx):
     return cfg
 
 
-@pytest.fixture(scope="module", params=sorted(HEAD_TYPES))
+@pytest.fixture(scope="module", params=FIXTURE_NAMES)
 def run(request):
-    """(fixture, model, outputs of every stage) for one head."""
+    """(fixture, model, outputs of every stage) for one fixture."""
     fx = load_fixture(request.param)
     model = build_model(solo_cfg(fx)).eval()
     conv = convert_state_dict(fx["state_dict"])
-    assert conv.head == request.param
+    assert conv.head == fx["head"]
+    assert conv.layout == fx.get("source", "mmdet")
     incompatible = model.load_state_dict(conv.state_dict, strict=False)
     # strict apart from the two non-persistent normalisation buffers
     assert not incompatible.unexpected_keys

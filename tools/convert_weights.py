@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Convert a published SOLO checkpoint (mmdetection 2.x/3.x or the official SOLO repository) or a
-torchvision ResNet ImageNet state dict to a solo_d2 checkpoint.
+"""Convert a published SOLO checkpoint (mmdetection 2.x/3.x or the official SOLO repository) or an
+ImageNet ResNet (a torchvision state dict, or a Detectron2 model-zoo ``.pkl`` such as
+``R-50.pkl``) to a solo_d2 checkpoint.
 
     python tools/convert_weights.py SRC DST [--config-file CFG] [--unsafe-load]
 
@@ -18,12 +19,16 @@ config's COCO datasets, whose class count would not match.
 
 The converted tensors are checked key for key and shape for shape against the model that config
 builds (with ``--config-file``: against that config's model as it is; without: the chosen
-config with the checkpoint's sizes, e.g. its number of classes). Any problem (unknown layout,
-leftover / missing keys, shape mismatches, a head type the config does not build), and a SRC
-that is not a checkpoint (empty, truncated, text) exit 2 with a one-line error naming it
+config with the checkpoint's sizes, e.g. its number of classes). The config is chosen from the
+source's layout, including its backbone style: a caffe-style source (AdelaiDet, Detectron2's
+ImageNet ``.pkl`` files) gets a caffe-style config (BGR input, ``STRIDE_IN_1X1 True``), and an
+explicit ``--config-file`` of the other style is refused, naming both. Any problem (unknown
+layout, leftover / missing keys, shape mismatches, a head type the config does not build), and a
+SRC that is not a checkpoint (empty, truncated, text) exit 2 with a one-line error naming it
 (``--debug``: with the traceback). DST is never SRC. mmengine checkpoints keep Python objects
 next to the weights: such a (well-formed) file is only unpickled with ``--unsafe-load``, for a
-file you trust.
+file you trust. ``.pkl`` files are read with an unpickler that accepts numpy arrays and plain
+containers only.
 """
 import argparse
 import os
@@ -31,9 +36,10 @@ import sys
 
 import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
 import torch
-from solo_d2.checkpoint_conversion import (  # noqa: E402
-    AUTHOR, ConversionError, check_against_model, config_file_for, config_overrides,
-    convert_state_dict, converted_config, extract_state_dict, load_source_checkpoint,
+from solo_d2.conversion import (  # noqa: E402
+    AUTHOR, ConversionError, check_against_model, check_input_style, config_file_for,
+    config_overrides, convert_state_dict, converted_config, extract_state_dict,
+    load_source_checkpoint,
 )
 from solo_d2.utils.cli import UserError, add_debug_flag, run_main  # noqa: E402
 
@@ -57,6 +63,7 @@ def convert(src: str, dst: str, config_file: str = None, unsafe_load: bool = Fal
         cfg.DATASETS.TRAIN = ()
         cfg.DATASETS.TEST = ()
         config_path, notes = config_file, []
+        check_input_style(cfg, conv, config_file)
     else:
         config_path, notes = config_file_for(conv, src, root=ROOT)
         config_path = printable_path(os.path.join(ROOT, config_path))
@@ -152,7 +159,8 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "src", help="mmdetection / official SOLO checkpoint, or torchvision ResNet state dict")
+        "src", help="mmdetection / official SOLO checkpoint, torchvision ResNet state dict or "
+        "Detectron2 ImageNet .pkl")
     parser.add_argument("dst", help="output .pth for solo_d2 (MODEL.WEIGHTS)")
     parser.add_argument("--config-file",
                         default=None,

@@ -31,6 +31,19 @@ size. Each fixture holds only tensors and plain containers (``torch.load(weights
   ``numpy.packbits`` along the flattened mask (``masks_packed``, ``mask_shape``);
 - ``backbone`` / ``neck``: the first 2 channels of mmdet's ResNet and FPN outputs.
 
+``--adelaidet-path DIR`` (a checkout of github.com/aim-uofa/AdelaiDet, e.g.
+``git clone https://github.com/aim-uofa/AdelaiDet /tmp/AdelaiDet``; never a dependency, nothing of
+it is copied into solo_d2) writes ``tests/fixtures/parity/AdelaiDet_SOLOv2.pth`` instead: the
+same contents made by AdelaiDet's own SOLOv2 (``adet/modeling/solov2``, on Detectron2, which the
+venv has), built from its ``configs/SOLOv2/R50_3x.yaml`` with narrow sizes (caffe-style
+ResNet-50 with stem 8 and bottleneck width 4, 32-channel FPN, towers, kernels and mask feature,
+3 classes, the small grids and ``NMS_PRE`` 100 of the mmdetection fixtures), on two BGR images.
+Its package ``__init__`` files import every AdelaiDet model and their compiled ops; the tool
+registers ``adet`` and ``adet.modeling`` as bare packages instead, so that only
+``adet.config`` and ``adet.modeling.solov2`` (pure Python on Detectron2) are imported.
+The fixture keeps the keys above; ``config`` adds ``source: "adelaidet"`` and the ResNet's
+caffe-style settings, ``state_dict`` is AdelaiDet's (its checkpointer's ``model``).
+
 ``--full-size`` instead builds mmdetection's published R-50 models (256-channel FPN, the
 published head configs, 80 classes), random weights, one 800x1333 image, converts the mmdet
 weights with solo_d2's converter into the solo_d2 model of the matching config, runs both and
@@ -433,6 +446,190 @@ def make_fixture(head: str, out_dir: str, seed: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# AdelaiDet's SOLOv2
+# ---------------------------------------------------------------------------------------------
+CAFFE_MEAN = [103.530, 116.280, 123.675]
+
+
+def import_adelaidet(path: str):
+    """AdelaiDet's ``get_cfg`` and ``SOLOv2`` from the checkout at ``path``, without running the
+    ``adet`` / ``adet.modeling`` package ``__init__`` files (they import every model of
+    AdelaiDet and its compiled ops, which SOLOv2 does not use)."""
+    root = os.path.join(path, "adet")
+    if not os.path.isfile(os.path.join(root, "modeling", "solov2", "solov2.py")):
+        sys.exit(f"error: --adelaidet-path {path} has no adet/modeling/solov2/solov2.py")
+    for name, folder in (("adet", root), ("adet.modeling", os.path.join(root, "modeling"))):
+        module = types.ModuleType(name)
+        module.__path__ = [folder]
+        sys.modules[name] = module
+    from adet.config import get_cfg  # its defaults: Detectron2's plus MODEL.SOLOV2 & co
+    from adet.modeling.solov2.solov2 import SOLOv2
+
+    return get_cfg, SOLOv2
+
+
+def adelaidet_cfg(get_cfg, path: str, max_per_img: int):
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(path, "configs", "SOLOv2", "R50_3x.yaml"))
+    cfg.merge_from_list([
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+        "MODEL.RESNETS.STEM_OUT_CHANNELS", 8, "MODEL.RESNETS.RES2_OUT_CHANNELS", 16,
+        "MODEL.RESNETS.WIDTH_PER_GROUP", 4, "MODEL.FPN.OUT_CHANNELS", 32,
+        "MODEL.SOLOV2.INSTANCE_IN_CHANNELS", 32, "MODEL.SOLOV2.INSTANCE_CHANNELS", 32,
+        "MODEL.SOLOV2.MASK_IN_CHANNELS", 32, "MODEL.SOLOV2.MASK_CHANNELS", 32,
+        "MODEL.SOLOV2.NUM_MASKS", 32, "MODEL.SOLOV2.NUM_KERNELS", 32,
+        "MODEL.SOLOV2.NUM_CLASSES", 3, "MODEL.SOLOV2.NUM_GRIDS", [12, 10, 8, 6, 4],
+        "MODEL.SOLOV2.NMS_PRE", 100, "MODEL.SOLOV2.MAX_PER_IMG", max_per_img,
+    ])
+    return cfg
+
+
+@torch.no_grad()
+def randomize_adelaidet(model, seed: int, cate_bias: float, cate_std: float, inputs):
+    """:func:`randomize` for AdelaiDet's SOLOv2: He-scaled convs, GN near identity, each FrozenBN's
+    statistics set from its input on the images (in forward order), then the category conv
+    scaled to logits ``cate_bias + N(0, cate_std)`` and the kernel conv to mask logits of std 2."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        if t.dim() == 4:
+            fan_in = t.shape[1] * t.shape[2] * t.shape[3]
+            t.copy_(torch.randn(t.shape, generator=g) * math.sqrt(2.0 / fan_in))
+        elif name.endswith("running_var"):
+            t.copy_(0.75 + 0.5 * torch.rand(t.shape, generator=g))
+        elif name.endswith("weight"):
+            t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=g))
+        else:
+            t.copy_(0.1 * torch.randn(t.shape, generator=g))
+
+    def set_stats(m, args):
+        x = args[0]
+        m.running_mean.copy_(x.mean((0, 2, 3)))
+        m.running_var.copy_(x.var((0, 2, 3)))
+
+    hooks = [m.register_forward_pre_hook(set_stats) for m in model.backbone.modules()
+             if isinstance(m, FrozenBatchNorm2d)]
+    images = model.preprocess_image(inputs)
+    model.backbone(images.tensor)
+    for h in hooks:
+        h.remove()
+    head = model.ins_head
+    head.kernel_pred.bias.zero_()
+    cate, kernels, feature = adelaidet_head(model, images)
+    logits = torch.cat([c.flatten() for c in cate]) - head.cate_pred.bias.mean()
+    head.cate_pred.weight.mul_(cate_std / logits.std().item())
+    head.cate_pred.bias.fill_(cate_bias)
+    mask_logits = torch.cat([torch.einsum("nds,ndp->nsp", k.flatten(2), feature.flatten(2)).flatten()
+                             for k in kernels])
+    head.kernel_pred.weight.mul_(2.0 / mask_logits.std().item())
+
+
+def adelaidet_head(model, images):
+    """AdelaiDet's forward up to its head outputs, as its ``forward`` runs it: per level category
+    logits and kernels, and the unified mask feature."""
+    features = model.backbone(images.tensor)
+    ins = model.split_feats([features[f] for f in model.instance_in_features])
+    cate, kernels = model.ins_head(ins)
+    feature = model.mask_head([features[f] for f in model.mask_in_features])
+    return cate, kernels, feature
+
+
+@torch.no_grad()
+def make_adelaidet_fixture(path: str, out_dir: str, seed: int) -> str:
+    get_cfg, SOLOv2 = import_adelaidet(path)
+    max_per_img = 20
+    cfg = adelaidet_cfg(get_cfg, path, max_per_img)
+    sizes = [(104, 168), (100, 172)]  # as the mmdetection fixtures: one 128 x 192 padded batch
+    images = make_images(sizes, seed)  # read as BGR (the model's input format)
+    inputs = [{"image": img, "height": img.shape[1], "width": img.shape[2]} for img in images]
+    torch.manual_seed(seed)
+    model = SOLOv2(cfg).eval()
+    randomize_adelaidet(model, seed, cate_bias=-1.0, cate_std=1.5, inputs=inputs)
+    captured = {}
+    hooks = [
+        model.backbone.bottom_up.register_forward_hook(lambda m, i, o: captured.__setitem__("bottom_up", o)),
+        model.backbone.register_forward_hook(lambda m, i, o: captured.__setitem__("fpn", o)),
+        model.ins_head.register_forward_hook(lambda m, i, o: captured.__setitem__("ins", o)),
+        model.mask_head.register_forward_hook(lambda m, i, o: captured.__setitem__("mask", o)),
+    ]
+    results = model(inputs)
+    for h in hooks:
+        h.remove()
+    cate, kernels = captured["ins"]
+    feature = captured["mask"]
+    grids = list(cfg.MODEL.SOLOV2.NUM_GRIDS)
+    g = torch.Generator().manual_seed(seed + 1)
+    cells = [torch.randperm(s * s, generator=g)[:3].sort().values for s in grids]
+    # AdelaiDet forms masks as sigmoid(conv2d(mask feature, kernel)) (inference_single_image)
+    soft = [torch.stack([
+        F.conv2d(feature[b:b + 1], k[b].flatten(1)[:, c].t()[:, :, None, None])[0]
+        for b in range(feature.shape[0])
+    ]).sigmoid() for k, c in zip(kernels, cells)]
+    preds = []
+    for r in results:
+        inst = r["instances"]
+        masks = inst.pred_masks.bool().numpy()
+        preds.append({
+            "scores": inst.scores.float().clone(),
+            "labels": inst.pred_classes.long().clone(),
+            "masks_packed": torch.from_numpy(np.packbits(masks.reshape(masks.shape[0], -1), axis=1).copy()),
+            "mask_shape": list(masks.shape),
+        })
+    s = cfg.MODEL.SOLOV2
+    r = cfg.MODEL.RESNETS
+    fixture = {
+        "head": "SOLOv2",
+        "source": "adelaidet",
+        "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+        "images": images,
+        "config": {
+            "source": "adelaidet",
+            "num_classes": s.NUM_CLASSES,
+            "num_grids": grids,
+            "strides": list(s.FPN_INSTANCE_STRIDES),
+            "scale_ranges": [list(x) for x in s.FPN_SCALE_RANGES],
+            "stacked_convs": s.NUM_INSTANCE_CONVS,
+            "feat_channels": s.INSTANCE_CHANNELS,
+            "mask_feature_channels": s.MASK_CHANNELS,
+            "mask_feature_dim": s.NUM_MASKS,
+            "mask_feature_num_levels": len(s.MASK_IN_FEATURES),
+            "dynamic_kernel_size": 1,
+            "resnet_depth": r.DEPTH,
+            "resnet_stem_channels": r.STEM_OUT_CHANNELS,
+            "resnet_res2_channels": r.RES2_OUT_CHANNELS,
+            "resnet_width_per_group": r.WIDTH_PER_GROUP,
+            "stride_in_1x1": r.STRIDE_IN_1X1,
+            "fpn_channels": cfg.MODEL.FPN.OUT_CHANNELS,
+            "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": list(cfg.MODEL.PIXEL_STD),
+            "input_format": cfg.INPUT.FORMAT,
+            "size_divisor": 32,
+            # in mmdetection's names, as the other fixtures
+            "test_cfg": {"nms_pre": s.NMS_PRE, "score_thr": s.SCORE_THR, "mask_thr": s.MASK_THR,
+                         "filter_thr": s.UPDATE_THR, "kernel": s.NMS_KERNEL,
+                         "sigma": float(s.NMS_SIGMA), "max_per_img": s.MAX_PER_IMG},
+        },
+        "padded_size": list(model.preprocess_image(inputs).tensor.shape[-2:]),
+        "cate_probs": [c.sigmoid().clone() for c in cate],
+        "cells": cells,
+        "soft_masks": soft,
+        "predictions": preds,
+        "backbone": [captured["bottom_up"][f"res{i}"][:, :2].clone() for i in range(2, 6)],
+        "neck": [captured["fpn"][f"p{i}"][:, :2].clone() for i in range(2, 7)],
+    }
+    for i, p in enumerate(preds):
+        print(f"AdelaiDet SOLOv2: image {i} {tuple(images[i].shape[-2:])}: {len(p['scores'])} "
+              f"detections, labels {p['labels'].tolist()[:10]}..., top score {p['scores'][:1].tolist()}")
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, "AdelaiDet_SOLOv2.pth")
+    torch.save(fixture, out)
+    torch.load(out, weights_only=True)  # the fixture must load safely
+    print(f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Full-size comparison
 # ---------------------------------------------------------------------------------------------
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -448,7 +645,7 @@ def full_size(head: str, seed: int, opts=()):
     import solo_d2  # noqa: F401
     from detectron2.modeling import build_model
 
-    from solo_d2.checkpoint_conversion import check_against_model, config_file_for, convert_state_dict, converted_config
+    from solo_d2.conversion import check_against_model, config_file_for, convert_state_dict, converted_config
 
     images = make_images([(800, 1333)], seed)
     model = build_mmdet(head, True, 100, seed, images, cate_bias=-4.6, cate_std=1.2)
@@ -576,9 +773,9 @@ def mask_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mmdet-path",
-                        required=True,
-                        help="folder with mmdet 3.3.0, mmengine, mmcv-lite")
+    parser.add_argument("--mmdet-path", help="folder with mmdet 3.3.0, mmengine, mmcv-lite")
+    parser.add_argument("--adelaidet-path",
+                        help="an AdelaiDet checkout: write its SOLOv2 fixture instead")
     parser.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "parity"))
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     parser.add_argument("--seed", type=int, default=0)
@@ -590,6 +787,11 @@ def main():
                         default=[],
                         help="--full-size: KEY VALUE pairs for the solo_d2 config")
     args = parser.parse_args()
+    if args.adelaidet_path:
+        make_adelaidet_fixture(args.adelaidet_path, args.out, args.seed)
+        return
+    if not args.mmdet_path:
+        parser.error("--mmdet-path (or --adelaidet-path) is required")
     import_mmdet(args.mmdet_path)
     for head in args.heads:
         if args.full_size:

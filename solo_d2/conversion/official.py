@@ -1,0 +1,54 @@
+"""The official SOLO repository's checkpoints (github.com/WXinlong/SOLO, mmdetection 1.x).
+
+``bbox_head.`` with ``cate_convs``, ``solo_cate`` / ``dsolo_cate``, ``ins_convs[_x|_y]``,
+``solo_ins_list`` / ``dsolo_ins_list_x|_y``. Its configs say ``num_classes=81`` (background
+included) but its category conv has ``num_classes - 1`` output channels and no background
+channel, exactly like solo_d2's: channels map one to one. Its SOLOv2 checkpoints have
+``bbox_head.`` with ``cate_convs``, ``solo_cate``, ``kernel_convs``, ``solo_kernel`` and a
+separate ``mask_feat_head.`` (``convs_all_levels.{i}.conv{j}``, ``conv_pred.0``). Backbone and
+neck have mmdetection's names; head modules are renamed to mmdetection's (:mod:`.mmdet`).
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .core import Layout, register_layout
+from .mmdet import rename_mmdet_style
+
+# official head module name -> mmdetection's
+_OFFICIAL_HEAD = {
+    "cate_convs": "cls_convs",
+    "ins_convs": "mask_convs",
+    "ins_convs_x": "mask_convs_x",
+    "ins_convs_y": "mask_convs_y",
+    "solo_cate": "conv_cls",
+    "dsolo_cate": "conv_cls",
+    "solo_ins_list": "conv_mask_list",
+    "dsolo_ins_list_x": "conv_mask_list_x",
+    "dsolo_ins_list_y": "conv_mask_list_y",
+    "kernel_convs": "kernel_convs",
+    "solo_kernel": "conv_kernel",
+}
+
+
+class OfficialLayout(Layout):
+    name = "official"
+    description = "an official SOLO checkpoint ('bbox_head.*')"
+
+    def detect(self, keys: List[str]) -> bool:
+        return any(k.startswith("bbox_head.") for k in keys)
+
+    @staticmethod
+    def head_module(key: str) -> Optional[Tuple[str, str]]:
+        if key.startswith("mask_feat_head."):  # SOLOv2's mask feature
+            return "mask_feature_head", key[len("mask_feat_head."):]
+        if not key.startswith("bbox_head."):
+            return None
+        module, _, rest = key[len("bbox_head."):].partition(".")
+        return _OFFICIAL_HEAD.get(module, "?" + module), rest
+
+    def rename(self, sd: Dict[str, torch.Tensor]):
+        return rename_mmdet_style(sd, self.head_module)
+
+
+register_layout(OfficialLayout())
