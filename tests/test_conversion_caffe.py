@@ -126,7 +126,7 @@ def test_pkl_with_code_is_refused_and_nothing_runs(convert_weights, tmp_path, ca
     src = write_pkl(tmp_path / "R-50.pkl", blobs)
     dst = tmp_path / "d.pth"
     rc, lines, err = run_cli(convert_weights, [src, dst], capsys)
-    assert rc == 1 and not dst.exists()
+    assert rc == 2 and not dst.exists()
     assert "R-50.pkl" in err and "'posix.system' is not allowed" in err and "--unsafe-load" in err
     # MODEL.WEIGHTS of the same file: refused too
     from detectron2.modeling import build_model
@@ -141,7 +141,7 @@ def test_torchvision_style_config_is_refused_for_a_caffe_style_source(convert_we
     src = write_pkl(tmp_path / "R-50.pkl", msra_blobs())
     cfg = "configs/COCO-InstanceSegmentation/SOLOv2_R50_3x.yaml"
     rc, lines, err = run_cli(convert_weights, [src, tmp_path / "d.pth", "--config-file", cfg], capsys)
-    assert rc == 1
+    assert rc == 2
     assert "caffe-style" in err and "MODEL.RESNETS.STRIDE_IN_1X1 True" in err and cfg in err
     assert "INPUT.FORMAT BGR" in err and "INPUT.FORMAT RGB" in err  # the source's and the config's
 
@@ -234,7 +234,7 @@ def test_adelaidet_checkpoint_refuses_a_torchvision_style_config(convert_weights
     torch.save({"model": adelaidet_state_dict()}, src)
     cfg = "configs/COCO-InstanceSegmentation/SOLOv2_R50_3x.yaml"
     rc, lines, err = run_cli(convert_weights, [src, tmp_path / "d.pth", "--config-file", cfg], capsys)
-    assert rc == 1 and not (tmp_path / "d.pth").exists()
+    assert rc == 2 and not (tmp_path / "d.pth").exists()
     assert "adelaidet checkpoint is caffe-style" in err and cfg in err
     assert "MODEL.PIXEL_STD [1.0, 1.0, 1.0]" in err and "MODEL.PIXEL_STD [58.395, 57.12, 57.375]" in err
 
@@ -245,4 +245,4 @@ def test_adelaidet_leftover_keys_are_named(convert_weights, tmp_path, capsys):
     src = tmp_path / "x.pth"
     torch.save({"model": sd}, src)
     rc, lines, err = run_cli(convert_weights, [src, tmp_path / "d.pth"], capsys)
-    assert rc == 1 and "leftover" in err and "ins_head.centerness.weight" in err
+    assert rc == 2 and "leftover" in err and "ins_head.centerness.weight" in err
