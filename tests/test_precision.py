@@ -52,13 +52,31 @@ def test_native_bfloat16_per_cpu_capability(monkeypatch, cpu, native):
     assert native_bfloat16("cpu") is native
 
 
+@pytest.fixture
+def config_log():
+    """The records of solo_d2.config's logger. Captured on the logger itself: once any test has
+    run Detectron2's setup_logger, the "detectron2" logger stops propagating to pytest's caplog."""
+    records = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    log = logging.getLogger("detectron2.solo_d2.config")
+    handler, level = _Keep(logging.DEBUG), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield records
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
 @pytest.mark.parametrize("cpu, native", CPUS)
-def test_autocast_dtype_falls_back_to_float32_only_where_bfloat16_is_emulated(monkeypatch, caplog, cpu, native):
+def test_autocast_dtype_falls_back_to_float32_only_where_bfloat16_is_emulated(monkeypatch, config_log, cpu, native):
     _cpu(monkeypatch, **cpu)
-    with caplog.at_level(logging.INFO, logger="detectron2.solo_d2.config"):
-        chosen = autocast_dtype("bfloat16", "cpu", key="SOLVER.AMP.PRECISION", explicit=False)
+    chosen = autocast_dtype("bfloat16", "cpu", key="SOLVER.AMP.PRECISION", explicit=False)
     assert chosen == (torch.bfloat16 if native else None)
-    lines = [r for r in caplog.records if r.name == "detectron2.solo_d2.config"]
+    lines = config_log
     if native:
         assert lines == []
     else:  # one line saying so and why, naming the key and the CPU
@@ -68,12 +86,11 @@ def test_autocast_dtype_falls_back_to_float32_only_where_bfloat16_is_emulated(mo
         assert "AVX512-BF16 or AMX" in msg and torch.backends.cpu.get_cpu_capability() in msg
 
 
-def test_forced_bfloat16_on_an_emulating_cpu_runs_with_a_warning(monkeypatch, caplog):
+def test_forced_bfloat16_on_an_emulating_cpu_runs_with_a_warning(monkeypatch, config_log):
     _cpu(monkeypatch, capability="AVX2")
-    with caplog.at_level(logging.INFO, logger="detectron2.solo_d2.config"):
-        chosen = autocast_dtype("bfloat16", "cpu", key="MODEL.SOLO.INFERENCE_DTYPE", explicit=True)
+    chosen = autocast_dtype("bfloat16", "cpu", key="MODEL.SOLO.INFERENCE_DTYPE", explicit=True)
     assert chosen == torch.bfloat16
-    (rec,) = [r for r in caplog.records if r.name == "detectron2.solo_d2.config"]
+    (rec,) = config_log
     assert rec.levelno == logging.WARNING and "emulated" in rec.getMessage()
 
 
