@@ -2,8 +2,8 @@
 """Inference time per stage of several variants, interleaved in one process, so that ratios hold
 on a machine whose load changes (a shared CPU): each round runs every variant once, in turn.
 
-    python tools/interleaved_latency.py --variants SOLO:float32 SOLO:bfloat16 --runs 5 --threads 1
-    python tools/interleaved_latency.py --variants SOLO:float32 MaskRCNN:float32 --runs 5 --threads 1
+    python benchmarks/interleaved_latency.py --variants SOLO:float32 SOLO:bfloat16 --runs 5 --threads 1
+    python benchmarks/interleaved_latency.py --variants SOLO:float32 MaskRCNN:float32 --runs 5 --threads 1
 
 A variant is ``MODEL:DTYPE`` (models of ``tools/benchmark.py``; DTYPE is SOLO's
 ``MODEL.SOLO.INFERENCE_DTYPE``, Mask R-CNN's autocast dtype; float16 on CUDA only; variants of
@@ -17,11 +17,46 @@ ratio of each variant's median total (and of the per-round totals' median ratio)
 import argparse
 import statistics
 
-import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
+import _setup  # noqa: F401  (the checkout's solo_d2 and tools/ first on sys.path)
 import torch
 
-from _common import calibrate_frozen_bn, force_candidates, is_solo
-from benchmark import MODELS, Timer, build, infer_stages
+from _setup import MODELS, Timer, bench_image, infer_stages, is_solo, prepared_model
+
+
+def time_rounds(variants, runs, device="cpu"):
+    """Interleaved timing: ``variants`` maps a label to ``run(timer)``, one inference timed per
+    stage with ``timer`` (a :class:`Timer`), returning its number of output instances. Each of
+    ``runs + 1`` rounds runs every variant once, in turn; the first round is a warm-up. Returns
+    (label -> the per-round stage times, label -> the last output count)."""
+    times = {label: [] for label in variants}
+    outputs = {}
+    for round_ in range(runs + 1):
+        for label, run in variants.items():
+            t = Timer(device)
+            with torch.inference_mode():
+                outputs[label] = run(t)
+            if round_:
+                times[label].append(t.times)
+    return times, outputs
+
+
+def print_summary(times, outputs):
+    """Per variant: median (and min) total and per-stage times, the postprocess share, and the
+    ratio of its median total (and the per-round totals' median ratio) to the first variant's."""
+    first = next(iter(times))
+    first_totals = [sum(r.values()) for r in times[first]]
+    width = max(len(label) for label in times)
+    for label, rounds in times.items():
+        stages = {k: [r[k] for r in rounds] for k in rounds[0]}
+        totals = [sum(r.values()) for r in rounds]
+        ratio = statistics.median(totals) / statistics.median(first_totals)
+        per_round = statistics.median(t / f for t, f in zip(totals, first_totals))
+        post = statistics.median(stages["postprocess"]) / statistics.median(totals)
+        print(f"{label:{width}s}  total median {1000 * statistics.median(totals):8.0f} ms "
+              f"(min {1000 * min(totals):.0f})  "
+              + "  ".join(f"{k} {1000 * statistics.median(x):.0f}" for k, x in stages.items())
+              + f"  postprocess share {100 * post:.1f}%  outputs {outputs[label]}"
+              + f"  vs {first}: {ratio:.2f}x (per-round median {per_round:.2f}x)", flush=True)
 
 
 def main(argv=None):
@@ -38,44 +73,27 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     variants = [tuple(v.split(":")) for v in a.variants]
     h, w = a.size or MODELS[variants[0][0]][1]
-    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0)).to(a.device)
+    image = bench_image(h, w, a.device)
     models = {}
     for name, _ in variants:
         if name not in models:
-            model = build(name, a.device).eval()
-            calibrate_frozen_bn(model, image)
-            force_candidates(model, image, a.candidates if is_solo(model) else None,
-                             object_masks=a.masks == "objects")
-            models[name] = model
+            models[name] = prepared_model(name, image, a.device, a.candidates, a.masks)
     batch = [{"image": image}] * a.batch
-    times = {v: [] for v in variants}
-    outputs = {}
-    for round_ in range(a.runs + 1):
-        for v in variants:
-            model = models[v[0]]
+
+    def runner(name, dtype):
+        model = models[name]
+
+        def run(t):
             if is_solo(model):
-                model.inference_dtype = v[1]
-            t = Timer(a.device)
-            with torch.inference_mode():
-                outputs[v] = infer_stages(model, batch, t, v[1])
-            if round_:
-                times[v].append(t.times)
-    first = variants[0]
-    print(f"{h}x{w}, batch {a.batch}, {a.device}, threads {a.threads}, {a.runs} rounds after one warm-up, candidates {a.candidates} "
-          f"({a.masks} masks)")
-    for v in variants:
-        stages = {k: [r[k] for r in times[v]] for k in times[v][0]}
-        totals = [sum(r.values()) for r in times[v]]
-        ratio = statistics.median(totals) / statistics.median([sum(r.values()) for r in times[first]])
-        per_round = statistics.median(
-            sum(r.values()) / sum(f.values()) for r, f in zip(times[v], times[first]))
-        post = statistics.median(stages["postprocess"]) / statistics.median(totals)
-        print(f"{v[0]:20s} {v[1]:9s} total median {1000 * statistics.median(totals):8.0f} ms "
-              f"(min {1000 * min(totals):.0f})  "
-              + "  ".join(f"{k} {1000 * statistics.median(x):.0f}" for k, x in stages.items())
-              + f"  postprocess share {100 * post:.1f}%  outputs {outputs[v]}"
-              + f"  vs {first[0]}:{first[1]}: {ratio:.2f}x (per-round median {per_round:.2f}x)", flush=True)
+                model.inference_dtype = dtype
+            return infer_stages(model, batch, t, dtype)
+
+        return run
+
+    times, outputs = time_rounds({f"{n} {d}": runner(n, d) for n, d in variants}, a.runs, a.device)
+    print(f"{h}x{w}, batch {a.batch}, {a.device}, threads {a.threads}, {a.runs} rounds after one warm-up, "
+          f"candidates {a.candidates} ({a.masks} masks)")
+    print_summary(times, outputs)
 
 
 if __name__ == "__main__":

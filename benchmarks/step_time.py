@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time of one training step of a config on this machine, on real batches of its training set.
 
-    python tools/step_time.py --config-file configs/Shapes/DecoupledSOLO_R18_shapes.yaml [KEY VALUE ...]
+    python benchmarks/step_time.py --config-file configs/Shapes/DecoupledSOLO_R18_shapes.yaml [KEY VALUE ...]
 
 A step is the trainer's own: the inner loop that :meth:`solo_d2.engine.Trainer.build_train_loop`
 builds for the config (float32, or autocast when ``SOLVER.AMP.ENABLED``) runs its ``run_step``:
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-import _common  # noqa: E402
-from _common import config_parser, load_cfg
+import _setup  # noqa: E402
+from _setup import config_parser, load_cfg
 
 
 def main(argv=None):
@@ -62,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2
+    sys.exit(_setup.run_tool(main))  # known errors: one line, exit 2
