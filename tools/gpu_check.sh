@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine (README, "On a GPU"): everything goes to one folder.
+# One prepared check for a GPU machine (docs/gpu.md): everything goes to one folder.
 #
 #   bash tools/gpu_check.sh [--out DIR] [--device cuda|cpu] [--smoke] [--skip-pytest] [--models M...]
 #
