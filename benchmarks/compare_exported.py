@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Parity and latency of exported SOLO models (ONNX Runtime, torch.export, OpenVINO if installed)
-against eager PyTorch, on one config. Results for BENCHMARKS.md "Deploy".
+against eager PyTorch, on one config. Figures: docs/benchmarks/deploy.md.
 
     # a trained model on shapes_val images (the first N of DATASETS.TEST; --include-empty adds
     # an image without objects):

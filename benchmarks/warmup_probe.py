@@ -9,7 +9,7 @@ Builds the tiny test config (``configs/tests/SOLO_tiny.yaml``) with ``--head`` a
 each) with SGD (momentum 0.9), whole-model gradient clipping at 35 and a linear warm-up from
 ``SOLVER.WARMUP_FACTOR`` over ``SOLVER.WARMUP_ITERS`` (0 = constant LR). Prints the losses and
 the gradient norm of the mask output layer(s) every ``--every`` steps: a mask loss that stops
-moving with a zero gradient means every mask saturated (BENCHMARKS.md, "SOLOv2").
+moving with a zero gradient means every mask saturated (docs/benchmarks/equal_time.md).
 """
 import argparse
 import sys
