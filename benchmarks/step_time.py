@@ -13,7 +13,6 @@ log includes it. Prints the median and range over ``--steps`` steps after ``--wa
 import logging
 import statistics
 import sys
-import time
 
 import torch
 
@@ -28,9 +27,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from detectron2.data import build_detection_train_loader
-    from detectron2.utils.events import EventStorage
 
     from solo_d2.engine import Trainer, amp_precision
+    from solo_d2.engine.time_budget import time_steps
 
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
@@ -43,16 +42,7 @@ def main(argv=None):
     batches = [next(loader) for _ in range(args.warmup + args.steps)]
     loop = Trainer.build_train_loop(cfg, model, batches, optimizer)
     precision = str(amp_precision(cfg)).replace("torch.", "") if cfg.SOLVER.AMP.ENABLED else "float32"
-    cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
-    times = []
-    with EventStorage(0) as storage:
-        for i in range(len(batches)):
-            loop.iter = storage.iter = i
-            start = time.perf_counter()
-            loop.run_step()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+    times = time_steps(loop, len(batches), cfg.MODEL.DEVICE)
     t = [x * 1000 for x in times[args.warmup :]]
     print(
         f"{args.config_file} {' '.join(args.opts)}: {precision}, batch {cfg.SOLVER.IMS_PER_BATCH}, "
