@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The speed, memory, target-generation, FLOP and equal-time figures of BENCHMARKS.md come from
+# The CPU speed, memory, target-generation, FLOP and equal-time figures (docs/benchmarks/) come from
 # this script (CPU); the other figures (make demo, the learning runs, step times, the soak) name
 # their own command beside them. Fixed thread count (THREADS, default 1): on a shared machine
 # compare only ratios measured within one command. Models whose config is not in the checkout
-# (SOLOv2 before it lands) are skipped with a note; rerun the same command to add them.
+# are skipped with a note.
 #   bash benchmarks/run_benchmarks.sh [OUT_DIR]
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-output/benchmarks}
