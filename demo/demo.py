@@ -9,8 +9,8 @@ predictions with Detectron2's Visualizer (the Detectron2 ``demo/demo.py``, for s
 
 Class names come from the metadata of ``cfg.DATASETS.TEST[0]``. Without ``--output`` the drawings
 are shown in a window (press Esc to stop); that and ``--webcam`` need an OpenCV with GUI support
-(see README, "Demo without a GUI"): solo_d2 installs the headless one, with which the demo
-stops with one line saying so. Weights that do not fit the config's head (another head type,
+(docs/reliability.md, "Demo without a GUI"): solo_d2 installs the headless one, with which the
+demo stops with one line saying so. Weights that do not fit the config's head (another head type,
 another NUM_CLASSES, another architecture) or an empty MODEL.WEIGHTS are an error naming the keys
 unless ``--allow-partial-weights`` is given.
 
@@ -41,8 +41,8 @@ WINDOW_NAME = "solo_d2"
 DEFAULT_CONFIG = "configs/Shapes/DecoupledSOLO_R18_shapes.yaml"
 
 
-#: How to install a GUI OpenCV, as README.md ("Demo without a GUI") says (both packages provide
-#: cv2: the headless one must go).
+#: How to install a GUI OpenCV, as docs/reliability.md ("Demo without a GUI") says (both packages
+#: provide cv2: the headless one must go).
 GUI_INSTALL = ("pip install -e '.[gui]', then pip uninstall -y opencv-python-headless && "
                "pip install --force-reinstall 'opencv-python<4.11'")
 

@@ -113,7 +113,7 @@ class ONNXSOLO:
         image = bgr[:, :, ::-1] if self.input_format == "RGB" else bgr
         if size != (h, w):
             # Detectron2's ResizeTransform: PIL bilinear for uint8; OpenCV's INTER_LINEAR is close
-            # but not the same filter when shrinking (see README "Deploy").
+            # but not the same filter when shrinking (see docs/deploy.md).
             image = cv2.resize(np.ascontiguousarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
         return np.ascontiguousarray(image.transpose(2, 0, 1))
 

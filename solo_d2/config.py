@@ -234,7 +234,7 @@ def add_solo_config(cfg):
     # from an ImageNet backbone) or "msra" (He init, Detectron2's c2_msra_fill). A conv followed
     # by GroupNorm is scale-invariant, so its relative step is ~lr / |w|^2: N(0, 0.01) weights
     # take steps ~35 times larger than He init's at 64 channels (~9 times at 256); "msra" suits
-    # training from scratch (BENCHMARKS.md, "Learning and the demo"). The output convs keep N(0, 0.01) and
+    # training from scratch (docs/benchmarks/demo.md). The output convs keep N(0, 0.01) and
     # the prior biases either way.
     _C.MODEL.SOLO.TOWER_INIT = "normal"
 
@@ -259,7 +259,7 @@ def add_solo_config(cfg):
     # must be 0 or >= 1: for 0 < gamma < 1 the loss has a NaN gradient where a prediction is
     # certain (checked at build). The shapes configs use 0: focal gamma scales down the gradient
     # of the wrong classes of an undecided cell, which slows a category branch trained from
-    # scratch (BENCHMARKS.md, "Learning and the demo").
+    # scratch (docs/benchmarks/demo.md).
     _C.MODEL.SOLO.FOCAL_LOSS_ALPHA = 0.25
     _C.MODEL.SOLO.FOCAL_LOSS_GAMMA = 2.0
 
@@ -286,7 +286,7 @@ def add_solo_config(cfg):
 
     # Run the backbone (ResNet + FPN) and the SOLO head's convolutions in channels-last memory
     # format: faster convolutions on CPU for a BatchNorm ResNet and for the GroupNorm towers
-    # (BENCHMARKS.md, "Channels-last and the heads"). The head's outputs are standard (N, C, H, W)
+    # (docs/benchmarks/speed_cpu.md). The head's outputs are standard (N, C, H, W)
     # tensors; results equal those of the standard layout up to float rounding. Applied where it
     # pays (solo_d2.modeling.meta_arch.channels_last_pays decides): always on the CPU; on CUDA not
     # when NORM is "GN" (CUDA's GroupNorm takes standard-layout inputs: each GN layer of the head

@@ -1,5 +1,5 @@
 """Parity with mmdetection 3.3.0 and AdelaiDet: golden fixtures made by mmdetection itself
-(``tools/make_parity_fixtures.py``; see its docstring for how to regenerate them), loaded here
+(``benchmarks/make_parity_fixtures.py``; see its docstring for how to regenerate them), loaded here
 through solo_d2's checkpoint converter, with no mmdetection installed.
 
 Each fixture is a narrow mmdetection model (ResNet-18 with base width 8, 32-channel FPN and

@@ -2,8 +2,9 @@
 folder is on ``sys.path`` when it runs as ``python tools/NAME.py``).
 
 Importing this module puts the repository root first on ``sys.path``, so the scripts use the
-checkout's ``solo_d2``. It also holds the model set-up that the speed benchmark and the FLOP
-count share, so that both measure the same thing.
+checkout's ``solo_d2``. It also holds the random-weight model set-up (calibrated FrozenBN,
+forced candidates) that the speed benchmark, the FLOP count and the experiments in
+``benchmarks/`` (through ``benchmarks/_setup.py``) share, so that all measure the same thing.
 """
 import sys
 from pathlib import Path

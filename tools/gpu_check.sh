@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine (README, "On a GPU"): everything goes to one folder.
+# One prepared check for a GPU machine (docs/gpu.md): everything goes to one folder.
 #
 #   bash tools/gpu_check.sh [--out DIR] [--device cuda|cpu] [--smoke] [--skip-pytest] [--models M...]
 #
@@ -94,7 +94,7 @@ step train 60 $PY tools/benchmark.py train --device "$DEVICE" --models $MODELS "
   --train-amp both --instances $INSTANCES --runs $RUNS --threads "$THREADS" --json "$OUT/train.json"
 step syncs 30 $PY tools/benchmark.py syncs --device "$DEVICE" --models $MODELS "${SIZE[@]}" \
   --batch $BATCHES --candidates 500 --masks objects --threads "$THREADS" --json "$OUT/syncs.json"
-step interleaved 30 $PY tools/interleaved_latency.py --device "$DEVICE" \
+step interleaved 30 $PY benchmarks/interleaved_latency.py --device "$DEVICE" \
   --variants SOLO:float32 SOLOv2:float32 MaskRCNN:float32 "${INTERLEAVED_SIZE[@]}" \
   --runs $RUNS --threads "$THREADS" --masks objects
 echo "done: $OUT ($((SECONDS)) s)" | tee -a "$SUMMARY"

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Install detectron2 into the venv whose python is $1, unless it already imports
+# Install Detectron2 into a virtual environment (what `make setup` runs).
+#
+#   bash tools/install_detectron2.sh [PYTHON]     # default: .venv/bin/python
+#
+# Installs detectron2 into the venv whose python is PYTHON, unless it already imports
 # (e.g. a user's own build from source). detectron2 is not on PyPI: we use the
 # `sal-detectron2` redistribution (built for CPython 3.10; its pure-Python code runs
 # on 3.11 and its compiled _C falls back cleanly), then its runtime dependencies.
 set -euo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 PY=${1:-.venv/bin/python}
 if "$PY" -c "import detectron2" 2>/dev/null; then
   echo "detectron2 already importable: $("$PY" -c 'import detectron2; print(detectron2.__version__, detectron2.__file__)')"

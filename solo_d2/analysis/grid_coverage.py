@@ -24,7 +24,7 @@ A *level* takes the objects whose scale ``sqrt(w * h)`` (box, input pixels) lies
   its mass centre, does not contain the centre of the cell. With ``CATE_ALIGN = "bilinear"`` the
   category feature of a cell is the FPN feature bilinearly sampled at exactly that cell centre,
   so the category target "this object's class" is then learnt from the background beside the
-  object: the failure measured in BENCHMARKS.md, "Grids and the category branch" (grids
+  object: the failure measured in docs/benchmarks/demo.md, "Grids and the category branch" (grids
   ``[8, 6, 5, 4, 3]``: 28% of the objects found got the right class, chance 25%). For a disc the
   ellipse is the object itself, and the criterion is the per-object form of
   ``tests/test_demo.py``'s ``cell * sqrt(2) / 2 < size / 2``. The pooled alignments

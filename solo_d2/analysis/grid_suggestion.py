@@ -20,7 +20,7 @@ The rules, in order:
    first, while cause 2 loses >= 1%, the objects it loses are also put on the next finer level
    (that level's range end is raised to their largest scale; :func:`_put_on_finer_level`): a
    finer level tells apart the objects whose centres share a cell of a coarser one without
-   adding grid cells, which cost training time (BENCHMARKS.md, "Fit SOLO to your data"). Then
+   adding grid cells, which cost training time (docs/benchmarks/fit_your_data.md). Then
    the level losing most objects gets a 25% larger grid (or, at its cap, the input grows 25%).
 
 A suggestion that does not reduce the objects lost (causes 1 + 2 + 3 together) is not made:
@@ -30,7 +30,7 @@ tells apart).
 
 Where a grid ends finer than its level's category feature, a ``cost:`` line says so before the
 result: such a grid trains slower, and whether the objects it keeps are worth that depends on
-how many they are (measured in BENCHMARKS.md, "Fit SOLO to your data").
+how many they are (measured in docs/benchmarks/fit_your_data.md).
 """
 import ast
 import math
@@ -329,8 +329,8 @@ def _finer_than_feature_notes(grids, config_grids, strides, canvas) -> List[str]
     A grid of more cells than the level's feature has pixels across the canvas reads
     interpolations of one feature pixel in neighbouring cells, and the category loss covers
     ``(S / S_config)**2`` times the cells, nearly all negatives: it trains slower. Whether the
-    objects kept are worth it depends on how many they are (measured in BENCHMARKS.md, "Fit SOLO
-    to your data").
+    objects kept are worth it depends on how many they are (measured in
+    docs/benchmarks/fit_your_data.md).
     """
     notes = []
     for lv, (s, s0) in enumerate(zip(grids, config_grids)):

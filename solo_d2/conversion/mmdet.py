@@ -41,6 +41,16 @@ _MMDET_HEAD = {
 }
 
 
+def _first_match(rest: str, rules) -> Optional[str]:
+    """The name the first ``(pattern, name_of_match)`` rule whose pattern matches all of
+    ``rest`` gives it, or None when none does."""
+    for pattern, name_of in rules:
+        m = re.fullmatch(pattern, rest)
+        if m:
+            return name_of(m)
+    return None
+
+
 def _head_key(module: str, rest: str, has_norm: Dict[str, bool]) -> Optional[str]:
     """solo_d2 name of ``<module>.<rest>`` of an mmdet-named head, or None if not mappable."""
     if module not in _MMDET_HEAD:
@@ -54,13 +64,11 @@ def _head_key(module: str, rest: str, has_norm: Dict[str, bool]) -> Optional[str
         # (a deformable conv's offset conv: conv.conv_offset)
         param = r"(conv|gn|conv\.conv_offset)\.(weight|bias)"
         sub = {"conv": "", "gn": ".norm", "conv.conv_offset": ".conv_offset"}
-        m = re.fullmatch(rf"convs_all_levels\.(\d+)\.conv(\d+)\.{param}", rest)
-        if m:
-            return f"head.{name}.levels.{m[1]}.{m[2]}{sub[m[3]]}.{m[4]}"
-        m = re.fullmatch(rf"conv_pred\.(?:0\.)?{param}", rest)
-        if m:
-            return f"head.{name}.pred{sub[m[1]]}.{m[2]}"
-        return None
+        return _first_match(rest, [
+            (rf"convs_all_levels\.(\d+)\.conv(\d+)\.{param}",
+             lambda m: f"head.{name}.levels.{m[1]}.{m[2]}{sub[m[3]]}.{m[4]}"),
+            (rf"conv_pred\.(?:0\.)?{param}", lambda m: f"head.{name}.pred{sub[m[1]]}.{m[2]}"),
+        ])
     if kind.startswith("list"):
         m = re.fullmatch(r"(\d+)\.(weight|bias)", rest)
         if not m:
@@ -69,13 +77,11 @@ def _head_key(module: str, rest: str, has_norm: Dict[str, bool]) -> Optional[str
         return f"head.{name}.{m[1]}{suffix}.{m[2]}"
     # tower: ConvModule i with .conv (plain or DeformConvPack) and optionally .gn
     step = 3 if has_norm[module] else 2
-    m = re.fullmatch(r"(\d+)\.conv\.(weight|bias|conv_offset\.weight|conv_offset\.bias)", rest)
-    if m:
-        return f"head.{name}.{step * int(m[1])}.{m[2]}"
-    m = re.fullmatch(r"(\d+)\.gn\.(weight|bias)", rest)
-    if m:
-        return f"head.{name}.{step * int(m[1]) + 1}.{m[2]}"
-    return None
+    return _first_match(rest, [
+        (r"(\d+)\.conv\.(weight|bias|conv_offset\.weight|conv_offset\.bias)",
+         lambda m: f"head.{name}.{step * int(m[1])}.{m[2]}"),
+        (r"(\d+)\.gn\.(weight|bias)", lambda m: f"head.{name}.{step * int(m[1]) + 1}.{m[2]}"),
+    ])
 
 
 
@@ -109,22 +115,35 @@ def rename_mmdet_style(sd: Dict[str, torch.Tensor],
     return r.result(), {_MMDET_HEAD[m][0]: v for m, v in has_norm.items()}
 
 
-class MMDetLayout(Layout):
-    name = "mmdet"
-    description = "an mmdetection SOLO checkpoint ('mask_head.*')"
+class MMDetStyleLayout(Layout):
+    """A layout of :func:`rename_mmdet_style`: its head's keys start with ``head_prefix``,
+    followed by a module name, mmdetection's own or one that ``head_modules`` maps to it."""
+
+    head_prefix = ""
+    #: source head module name -> mmdetection's; None: the source names are mmdetection's. A
+    #: name it does not map matches no mmdetection module (its keys are left over).
+    head_modules: Optional[Dict[str, str]] = None
 
     def detect(self, keys: List[str]) -> bool:
-        return any(k.startswith("mask_head.") for k in keys)
+        return any(k.startswith(self.head_prefix) for k in keys)
 
-    @staticmethod
-    def head_module(key: str) -> Optional[Tuple[str, str]]:
-        if not key.startswith("mask_head."):
+    def head_module(self, key: str) -> Optional[Tuple[str, str]]:
+        """(mmdetection head module name, rest of the key) of a head key; None for another key."""
+        if not key.startswith(self.head_prefix):
             return None
-        module, _, rest = key[len("mask_head."):].partition(".")
+        module, _, rest = key[len(self.head_prefix):].partition(".")
+        if self.head_modules is not None:
+            module = self.head_modules.get(module, "?" + module)
         return module, rest
 
     def rename(self, sd: Dict[str, torch.Tensor]):
         return rename_mmdet_style(sd, self.head_module)
+
+
+class MMDetLayout(MMDetStyleLayout):
+    name = "mmdet"
+    description = "an mmdetection SOLO checkpoint ('mask_head.*')"
+    head_prefix = "mask_head."
 
 
 register_layout(MMDetLayout())

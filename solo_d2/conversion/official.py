@@ -8,12 +8,10 @@ channel, exactly like solo_d2's: channels map one to one. Its SOLOv2 checkpoints
 separate ``mask_feat_head.`` (``convs_all_levels.{i}.conv{j}``, ``conv_pred.0``). Backbone and
 neck have mmdetection's names; head modules are renamed to mmdetection's (:mod:`.mmdet`).
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Optional, Tuple
 
-import torch
-
-from .core import Layout, register_layout
-from .mmdet import rename_mmdet_style
+from .core import register_layout
+from .mmdet import MMDetStyleLayout
 
 # official head module name -> mmdetection's
 _OFFICIAL_HEAD = {
@@ -31,24 +29,16 @@ _OFFICIAL_HEAD = {
 }
 
 
-class OfficialLayout(Layout):
+class OfficialLayout(MMDetStyleLayout):
     name = "official"
     description = "an official SOLO checkpoint ('bbox_head.*')"
+    head_prefix = "bbox_head."
+    head_modules = _OFFICIAL_HEAD
 
-    def detect(self, keys: List[str]) -> bool:
-        return any(k.startswith("bbox_head.") for k in keys)
-
-    @staticmethod
-    def head_module(key: str) -> Optional[Tuple[str, str]]:
-        if key.startswith("mask_feat_head."):  # SOLOv2's mask feature
+    def head_module(self, key: str) -> Optional[Tuple[str, str]]:
+        if key.startswith("mask_feat_head."):  # SOLOv2's mask feature, a module of its own
             return "mask_feature_head", key[len("mask_feat_head."):]
-        if not key.startswith("bbox_head."):
-            return None
-        module, _, rest = key[len("bbox_head."):].partition(".")
-        return _OFFICIAL_HEAD.get(module, "?" + module), rest
-
-    def rename(self, sd: Dict[str, torch.Tensor]):
-        return rename_mmdet_style(sd, self.head_module)
+        return super().head_module(key)
 
 
 register_layout(OfficialLayout())

@@ -50,7 +50,7 @@ DEFAULT_SPLITS = {
     "shapes_train": dict(split="train", num_images=300, seed=0),
     "shapes_val": dict(split="val", num_images=50, seed=1),
     # What the demo configs train on: 2,400 images (the first 300 are shapes_train's), so that
-    # a model trained from scratch does not overfit (BENCHMARKS.md, "Learning and the demo").
+    # a model trained from scratch does not overfit (docs/benchmarks/demo.md).
     "shapes_train_large": dict(split="train_large", num_images=2400, seed=0),
 }
 

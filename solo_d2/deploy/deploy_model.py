@@ -1,6 +1,6 @@
 """``SOLODeployModel``: a SOLO model behind the deploy contract, one image in, final results out.
 
-Contract (what ``tools/deploy/export_model.py`` exports, README "Deploy"):
+Contract (what ``tools/deploy/export_model.py`` exports, docs/deploy.md):
 
 - input ``image``: (3, H, W) uint8, channel order ``INPUT.FORMAT``, already resized as the
   config's test transform does (``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``); any H, W.

@@ -15,6 +15,7 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
+from typing import List
 
 import torch
 from detectron2.utils import comm
@@ -23,7 +24,7 @@ from detectron2.utils.events import EventStorage
 from ..config import cpu_description
 from .train_loop import build_train_loop
 
-__all__ = ["measure_step_time", "fit_to_time_budget", "TIME_BUDGET_FILE"]
+__all__ = ["measure_step_time", "time_steps", "fit_to_time_budget", "TIME_BUDGET_FILE"]
 
 logger = logging.getLogger("detectron2.solo_d2.time_budget")
 
@@ -67,18 +68,26 @@ def measure_step_time(trainer_cls, cfg, steps: int = None, warmup: int = None) -
         optimizer = trainer_cls.build_optimizer(cfg, model)
         loader = trainer_cls.build_train_loader(cfg)
         loop = build_train_loop(cfg, model, loader, optimizer)
-        cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
-        times = []
-        with EventStorage(0) as storage:
-            for i in range(warmup + steps):
-                loop.iter = storage.iter = i
-                start = time.perf_counter()
-                loop.run_step()
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+        times = time_steps(loop, warmup + steps, cfg.MODEL.DEVICE)
         del loop, loader, optimizer, model
     return statistics.median(times[warmup:])
+
+
+def time_steps(loop, count: int, device) -> List[float]:
+    """Seconds of each of ``count`` iterations of a train loop (``loop.run_step()``, its
+    ``iter`` set to the iteration's index, in a fresh ``EventStorage``), synchronised on CUDA
+    (``device``: the model's)."""
+    cuda = torch.device(device).type == "cuda"
+    times = []
+    with EventStorage(0) as storage:
+        for i in range(count):
+            loop.iter = storage.iter = i
+            start = time.perf_counter()
+            loop.run_step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def _scaled(cfg, max_iter: int, channels_last: bool):

@@ -7,8 +7,14 @@ from torchvision.ops import deform_conv2d
 
 __all__ = [
     "linspace_unit", "coordinate_maps", "coord_features", "DeformConv", "DeformConv3x3", "masks_to_boxes",
-    "as_uint8", "host_reads_are_free", "device_paths_on_cpu", "read_on_host",
+    "as_uint8", "host_reads_are_free", "device_paths_on_cpu", "read_on_host", "solo_cfg_args",
 ]
+
+
+def solo_cfg_args(cfg, *keys: str) -> dict:
+    """Constructor arguments of a ``from_config``: the value of each ``cfg.MODEL.SOLO`` key
+    under its lower-case name (``NUM_GRIDS`` -> ``num_grids``)."""
+    return {key.lower(): cfg.MODEL.SOLO[key] for key in keys}
 
 
 def as_uint8(masks: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+#: (height, width)
+Size = Tuple[int, int]
+#: an inclusive window of rows and columns: (first row, last row, first column, last column)
+Window = Tuple[int, int, int, int]
+
 __all__ = ["paste_masks_full", "paste_masks_in_boxes", "paste_masks"]
 
 #: Largest difference between :func:`paste_masks_in_boxes`'s values and PyTorch's kernel's,
@@ -40,14 +45,8 @@ TIE_TOLERANCE = 1e-6
 LARGE_WINDOW = 0.5
 
 
-def paste_masks_full(
-    soft: torch.Tensor,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-    thresh: float,
-    chunk: int = 16,
-) -> torch.Tensor:
+def paste_masks_full(soft: torch.Tensor, padded_size: Size, image_size: Size, output_size: Size,
+                     thresh: float, chunk: int = 16) -> torch.Tensor:
     """The reference paste: every pixel of every mask (see the module docstring). Chunked over
     masks to bound memory in eager; all at once while exporting (the chunk count depends on R)."""
     h, w = image_size
@@ -111,13 +110,41 @@ class _Linear1d:
         return x.index_select(dim, i0) * l0 + x.index_select(dim, i1) * l1
 
 
-def paste_masks_in_boxes(
-    soft: torch.Tensor,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-    thresh: float,
-) -> torch.Tensor:
+class _Resize2d:
+    """PyTorch's 2-D bilinear resize from ``in_size`` to ``out_size`` (:class:`_Linear1d` per
+    axis), on windows."""
+
+    def __init__(self, in_size: Size, out_size: Size, device):
+        self.y = _Linear1d(in_size[0], out_size[0], device)
+        self.x = _Linear1d(in_size[1], out_size[1], device)
+
+    def reach(self, window: Window, limit: Optional[Size] = None) -> Optional[Window]:
+        """The output window whose sources lie in the input ``window`` (cut to rows and columns
+        below ``limit``); None when it is empty."""
+        ya, yb = self.y.reach(window[0], window[1])
+        xa, xb = self.x.reach(window[2], window[3])
+        if limit is not None:
+            yb, xb = min(yb, limit[0] - 1), min(xb, limit[1] - 1)
+        return None if ya > yb or xa > xb else (ya, yb, xa, xb)
+
+    def sources(self, window: Window) -> Window:
+        """The input window that the output ``window`` reads."""
+        ya, yb, xa, xb = window
+        return int(self.y.i0[ya]), int(self.y.i1[yb]), int(self.x.i0[xa]), int(self.x.i1[xb])
+
+    def apply(self, m: torch.Tensor, window: Window, origin: Window) -> torch.Tensor:
+        """The output ``window`` from ``m``, the input cut at ``origin`` (its first row and
+        column are ``origin[0]`` and ``origin[2]``): width first, then height."""
+        m = self.x.apply(m, 1, window[2], window[3], origin[2])
+        return self.y.apply(m, 0, window[0], window[1], origin[0])
+
+
+def _area(window: Window) -> int:
+    return (window[1] - window[0] + 1) * (window[3] - window[2] + 1)
+
+
+def paste_masks_in_boxes(soft: torch.Tensor, padded_size: Size, image_size: Size, output_size: Size,
+                         thresh: float) -> torch.Tensor:
     """The same bool masks as :func:`paste_masks_full`, computing each mask only inside the
     output window its cells above ``thresh - margin`` can reach (see the module docstring)."""
     r, h0, w0 = soft.shape
@@ -138,42 +165,32 @@ def paste_masks_in_boxes(
     r_lo, r_hi, c_lo, c_hi = first(rows_any), last(rows_any), first(cols_any), last(cols_any)
 
     dev = soft.device
-    up_y, up_x = _Linear1d(h0, hp, dev), _Linear1d(w0, wp, dev)  # mask size -> padded input
+    up = _Resize2d((h0, w0), (hp, wp), dev)  # mask size -> padded input
     second = (h, w) != (oh, ow)
     if second:
-        rs_y, rs_x = _Linear1d(h, oh, dev), _Linear1d(w, ow, dev)  # image -> output size
+        resize = _Resize2d((h, w), (oh, ow), dev)  # image -> output size
     by_kernel = []  # masks pasted by the full kernel: near-ties and large windows
     for k in range(r):
         if not has[k]:
             continue
         # Window of the padded upsample (cropped to the image) reached by the cells above.
-        ya, yb = up_y.reach(r_lo[k], r_hi[k])
-        xa, xb = up_x.reach(c_lo[k], c_hi[k])
-        yb, xb = min(yb, h - 1), min(xb, w - 1)
-        if ya > yb or xa > xb:
+        window = up.reach((r_lo[k], r_hi[k], c_lo[k], c_hi[k]), limit=(h, w))
+        if window is None:
             continue
-        if second:  # window of the output reached by that one, and the rows/cols it needs
-            oya, oyb = rs_y.reach(ya, yb)
-            oxa, oxb = rs_x.reach(xa, xb)
-            if oya > oyb or oxa > oxb:
-                continue
-            if (oyb - oya + 1) * (oxb - oxa + 1) > LARGE_WINDOW * oh * ow:
-                by_kernel.append(k)
-                continue
-            ya, yb = int(rs_y.i0[oya]), int(rs_y.i1[oyb])
-            xa, xb = int(rs_x.i0[oxa]), int(rs_x.i1[oxb])
-        elif (yb - ya + 1) * (xb - xa + 1) > LARGE_WINDOW * oh * ow:
+        # Window of the output reached by that one, and (second resize) the rows/cols it needs.
+        out_window = resize.reach(window) if second else window
+        if out_window is None:
+            continue
+        if _area(out_window) > LARGE_WINDOW * oh * ow:
             by_kernel.append(k)
             continue
-        sy0, sy1 = int(up_y.i0[ya]), int(up_y.i1[yb])
-        sx0, sx1 = int(up_x.i0[xa]), int(up_x.i1[xb])
-        m = soft[k, sy0 : sy1 + 1, sx0 : sx1 + 1]
-        m = up_x.apply(m, 1, xa, xb, sx0)  # width first, then height
-        m = up_y.apply(m, 0, ya, yb, sy0)
         if second:
-            m = rs_x.apply(m, 1, oxa, oxb, xa)
-            m = rs_y.apply(m, 0, oya, oyb, ya)
-            ya, yb, xa, xb = oya, oyb, oxa, oxb
+            window = resize.sources(out_window)
+        src = up.sources(window)
+        m = up.apply(soft[k, src[0] : src[1] + 1, src[2] : src[3] + 1], window, src)
+        if second:
+            m = resize.apply(m, out_window, window)
+        ya, yb, xa, xb = out_window
         if bool(((m - thresh).abs() <= TIE_TOLERANCE).any()):
             # A value within rounding distance of the threshold: the order of PyTorch's
             # kernel's products and sums decides it; let the kernel decide.
@@ -186,14 +203,8 @@ def paste_masks_in_boxes(
     return out
 
 
-def paste_masks(
-    soft: torch.Tensor,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-    thresh: float,
-    box_limited: Optional[bool] = None,
-) -> torch.Tensor:
+def paste_masks(soft: torch.Tensor, padded_size: Size, image_size: Size, output_size: Size,
+                thresh: float, box_limited: Optional[bool] = None) -> torch.Tensor:
     """The paste used at inference: :func:`paste_masks_in_boxes` with ``box_limited`` (default:
     on the CPU, where the work saved dominates; it reads each mask's window on the host, a
     sync per mask elsewhere); :func:`paste_masks_full` otherwise (on a GPU the full paste is a

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 
-from .layers import host_reads_are_free, masks_to_boxes, read_on_host
+from .layers import host_reads_are_free, masks_to_boxes, read_on_host, solo_cfg_args
 from .mask_paste import paste_masks
 
 __all__ = ["point_nms", "matrix_nms", "category_strides", "SOLOPostProcessor", "float32_region"]
@@ -205,44 +205,18 @@ class SOLOPostProcessor:
         """``feature_strides``: the backbone strides of ``MODEL.SOLO.IN_FEATURES``."""
         sc = cfg.MODEL.SOLO
         return {
-            "num_classes": sc.NUM_CLASSES,
-            "num_grids": sc.NUM_GRIDS,
             "min_areas": category_strides(feature_strides),
             "score_thresh": sc.SCORE_THRESH_TEST,
             "mask_thresh": sc.MASK_THRESH_TEST,
-            "nms_pre": sc.NMS_PRE,
-            "nms_kernel": sc.NMS_KERNEL,
-            "nms_sigma": sc.NMS_SIGMA,
             "update_thresh": sc.UPDATE_THRESH_TEST,
-            "max_per_image": sc.MAX_PER_IMAGE,
-            "nms_pre_before_masks": sc.NMS_PRE_BEFORE_MASKS,
+            **solo_cfg_args(cfg, "NUM_CLASSES", "NUM_GRIDS", "NMS_PRE", "NMS_KERNEL", "NMS_SIGMA",
+                            "MAX_PER_IMAGE", "NMS_PRE_BEFORE_MASKS"),
         }
 
-    def __call__(
-        self,
-        cate_logits: List[torch.Tensor],
-        mask_fn: Callable[[int, torch.Tensor], torch.Tensor],
-        mask_size: Tuple[int, int],
-        padded_size: Tuple[int, int],
-        image_size: Tuple[int, int],
-        output_size: Tuple[int, int],
-    ) -> Instances:
-        """
-        Args:
-            cate_logits: per level (C, S_l, S_l) category logits of this image.
-            mask_fn: ``mask_fn(level, cells)`` -> (K, H_0, W_0) soft masks of those cells
-                (cells: (K,) int64, k = i * S + j; K may be 0), at ``mask_size`` (the head
-                resizes where the reference does; a mask of another size is resized here,
-                bilinearly).
-            mask_size: (H_0, W_0), the finest mask resolution (stride 4); candidates of all
-                levels are compared at this size.
-            padded_size: (Hp, Wp) of the padded input tensor.
-            image_size: (h, w) of this image inside the padded tensor.
-            output_size: (height, width) requested for the output.
-        Returns:
-            Instances of ``output_size`` with ``pred_masks`` (R, height, width) bool,
-            ``scores`` (R,) float32, ``pred_classes`` (R,) int64, ``pred_boxes`` Boxes (R, 4).
-        """
+    def __call__(self, cate_logits, mask_fn, mask_size, padded_size, image_size, output_size) -> Instances:
+        """:meth:`predict` (the same arguments) as ``Instances`` of ``output_size`` with
+        ``pred_masks`` (R, height, width) bool, ``scores`` (R,) float32, ``pred_classes`` (R,)
+        int64, ``pred_boxes`` Boxes (R, 4)."""
         masks, scores, classes, boxes = self.predict(
             cate_logits, mask_fn, mask_size, padded_size, image_size, output_size
         )
@@ -262,9 +236,22 @@ class SOLOPostProcessor:
         image_size: Tuple[int, int],
         output_size: Tuple[int, int],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What :meth:`__call__` computes, as plain tensors (what an exported graph returns):
-        ``(masks, scores, classes, boxes)``: (R, height, width) bool, (R,) float32, (R,) int64,
-        (R, 4) float32 XYXY boxes of the masks. R may be 0.
+        """One image's detections as plain tensors (what an exported graph returns).
+
+        Args:
+            cate_logits: per level (C, S_l, S_l) category logits of this image.
+            mask_fn: ``mask_fn(level, cells)`` -> (K, H_0, W_0) soft masks of those cells
+                (cells: (K,) int64, k = i * S + j; K may be 0), at ``mask_size`` (the head
+                resizes where the reference does; a mask of another size is resized here,
+                bilinearly).
+            mask_size: (H_0, W_0), the finest mask resolution (stride 4); candidates of all
+                levels are compared at this size.
+            padded_size: (Hp, Wp) of the padded input tensor.
+            image_size: (h, w) of this image inside the padded tensor.
+            output_size: (height, width) requested for the output.
+        Returns:
+            ``(masks, scores, classes, boxes)``: (R, height, width) bool, (R,) float32, (R,)
+            int64, (R, 4) float32 XYXY boxes of the masks. R may be 0.
 
         Written to export (``torch.export``, the ONNX exporter): no Python branch on a tensor's
         values except the eager-only memory bound for more than ``nms_pre`` candidates (same

@@ -28,7 +28,7 @@ from detectron2.utils.registry import Registry
 from fvcore.nn import weight_init
 from torch import nn
 
-from .layers import DeformConv, DeformConv3x3, coord_features
+from .layers import DeformConv, DeformConv3x3, coord_features, solo_cfg_args
 
 __all__ = ["SOLO_HEAD_REGISTRY", "BaseSOLOHead", "SOLOHead", "build_solo_head"]
 
@@ -183,18 +183,10 @@ class BaseSOLOHead(nn.Module):
                 f"MODEL.SOLO.IN_FEATURES must all have the same number of channels, got {channels}"
             )
         return {
-            "num_classes": cfg.MODEL.SOLO.NUM_CLASSES,
             "in_channels": channels.pop(),
-            "num_grids": cfg.MODEL.SOLO.NUM_GRIDS,
-            "conv_channels": cfg.MODEL.SOLO.CONV_CHANNELS,
-            "num_stacked_convs": cfg.MODEL.SOLO.NUM_STACKED_CONVS,
-            "norm": cfg.MODEL.SOLO.NORM,
-            "num_deformable_convs": cfg.MODEL.SOLO.NUM_DEFORMABLE_CONVS,
-            "deformable_modulated": cfg.MODEL.SOLO.DEFORMABLE_MODULATED,
-            "prior_prob": cfg.MODEL.SOLO.PRIOR_PROB,
-            "mask_prior_prob": cfg.MODEL.SOLO.MASK_PRIOR_PROB,
-            "tower_init": cfg.MODEL.SOLO.TOWER_INIT,
-            "cate_align": cfg.MODEL.SOLO.CATE_ALIGN,
+            **solo_cfg_args(cfg, "NUM_CLASSES", "NUM_GRIDS", "CONV_CHANNELS", "NUM_STACKED_CONVS", "NORM",
+                            "NUM_DEFORMABLE_CONVS", "DEFORMABLE_MODULATED", "PRIOR_PROB",
+                            "MASK_PRIOR_PROB", "TOWER_INIT", "CATE_ALIGN"),
         }
 
     def _init_weights(self, prior_prob: float, mask_prior_prob: float, tower_init: str):

@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from fvcore.nn import weight_init
 from torch import nn
 
-from .layers import coord_features, host_reads_are_free
+from .layers import coord_features, host_reads_are_free, solo_cfg_args
 from .mask_feature_head import MaskFeatureHead
 from .solo_head import SOLO_HEAD_REGISTRY, BaseSOLOHead, resize_probs, tower
 
@@ -93,14 +93,10 @@ class SOLOv2Head(BaseSOLOHead):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        sc = cfg.MODEL.SOLO
         return {
             **BaseSOLOHead.from_config(cfg, input_shape),
-            "mask_feature_channels": sc.MASK_FEATURE_CHANNELS,
-            "mask_feature_dim": sc.MASK_FEATURE_DIM,
-            "mask_feature_num_levels": sc.MASK_FEATURE_NUM_LEVELS,
-            "dynamic_kernel_size": sc.DYNAMIC_KERNEL_SIZE,
-            "mask_feature_deformable": sc.MASK_FEATURE_DEFORMABLE,
+            **solo_cfg_args(cfg, "MASK_FEATURE_CHANNELS", "MASK_FEATURE_DIM", "MASK_FEATURE_NUM_LEVELS",
+                            "DYNAMIC_KERNEL_SIZE", "MASK_FEATURE_DEFORMABLE"),
         }
 
     def _build_mask_branch(self, in_channels, conv_channels, num_convs, norm, num_deformable):

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 
+from .layers import solo_cfg_args
+
 __all__ = ["LevelTargets", "SOLOTargetGenerator", "assign_cells"]
 
 
@@ -136,13 +138,7 @@ class SOLOTargetGenerator:
 
     @classmethod
     def from_config(cls, cfg):
-        sc = cfg.MODEL.SOLO
-        return {
-            "num_classes": sc.NUM_CLASSES,
-            "num_grids": sc.NUM_GRIDS,
-            "scale_ranges": sc.SCALE_RANGES,
-            "sigma": sc.SIGMA,
-        }
+        return solo_cfg_args(cfg, "NUM_CLASSES", "NUM_GRIDS", "SCALE_RANGES", "SIGMA")
 
     @torch.no_grad()
     def __call__(

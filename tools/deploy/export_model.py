@@ -7,7 +7,7 @@
     python tools/deploy/export_model.py --config-file CONFIG --format torch-export --output out/ \\
         --run-eval MODEL.WEIGHTS W
 
-The exported model follows the deploy contract (README "Deploy", :mod:`solo_d2.deploy`): one
+The exported model follows the deploy contract (docs/deploy.md, :mod:`solo_d2.deploy`): one
 (3, H, W) uint8 image in ``INPUT.FORMAT``, already resized by the test transform, any H and W
 (``--static-size H W``: that size only); outputs ``masks`` (N, H, W) bool, ``scores`` (N,)
 float32, ``classes`` (N,) int64, ``boxes`` (N, 4) float32 XYXY. ONNX goes to ``DIR/model.onnx``

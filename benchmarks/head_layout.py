@@ -4,19 +4,22 @@ head's forward on one model's calibrated random-weight features, in turn: standa
 channels-last (features and weights) and channels-last features only; float32 and bfloat16
 (``MODEL.SOLO.INFERENCE_DTYPE``'s autocast).
 
-    python tools/head_layout.py --model SOLO --runs 3 --threads 1
-    python tools/head_layout.py --model SOLO --runs 5 --threads 1 --pipeline
+    python benchmarks/head_layout.py --model SOLO --runs 3 --threads 1
+    python benchmarks/head_layout.py --model SOLO --runs 5 --threads 1 --pipeline
 
 ``--pipeline``: whole inferences instead (``tools/benchmark.py``'s set-up: 500 forced candidates,
 object-like masks), the head in the standard layout (the backbone's features made contiguous
-first) and channels-last (``MODEL.SOLO.CHANNELS_LAST``'s path), in turn, per stage.
+first) and channels-last (``MODEL.SOLO.CHANNELS_LAST``'s path), interleaved and summarised per
+stage as by ``benchmarks/interleaved_latency.py``.
 """
 import argparse
 import statistics
 import time
 
-import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
+import _setup  # noqa: F401  (the checkout's solo_d2 and tools/ first on sys.path)
 import torch
+
+from _setup import MODELS, bench_image, infer_stages, prepared_model
 
 
 def main(argv=None):
@@ -30,14 +33,9 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     if a.pipeline:
         return pipeline(a)
-    from benchmark import MODELS, build
-
-    from _common import calibrate_frozen_bn
-
-    model = build(a.model, a.device).eval()
     h, w = MODELS[a.model][1]
-    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, device=a.device)
-    calibrate_frozen_bn(model, image)
+    image = bench_image(h, w, a.device)
+    model = prepared_model(a.model, image, a.device, force=False)
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
         images = model.preprocess_image([{"image": image}])
@@ -65,41 +63,31 @@ def main(argv=None):
 
 
 def pipeline(a):
-    from benchmark import MODELS, Timer, build, infer_stages
+    from interleaved_latency import print_summary, time_rounds
 
-    from _common import calibrate_frozen_bn, force_candidates
-
-    model = build(a.model, a.device).eval()
+    h, w = MODELS[a.model][1]
+    image = bench_image(h, w, a.device)
+    model = prepared_model(a.model, image, a.device, candidates=500, masks="objects")
     if not model.channels_last:
         raise SystemExit(f"--pipeline: {a.model}'s config has MODEL.SOLO.CHANNELS_LAST False")
-    h, w = MODELS[a.model][1]
-    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    calibrate_frozen_bn(model, image)
-    force_candidates(model, image, 500, object_masks=True)
     channels_last_backbone = model.run_backbone
 
     def standard_backbone(x):
         return {k: v.contiguous() for k, v in channels_last_backbone(x).items()}
 
-    times = {}
-    for round_ in range(a.runs + 1):  # the first round is a warm-up
-        for variant in ("standard head", "channels-last head"):
-            cl = variant.startswith("channels-last")
+    def runner(cl):
+        def run(t):
             model.head.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
             model.run_backbone = channels_last_backbone if cl else standard_backbone
-            t = Timer(a.device)
-            with torch.inference_mode():
-                infer_stages(model, [{"image": image}], t)
-            if round_:
-                times.setdefault(variant, []).append(t.times)
-    for variant, ts in times.items():
-        def med(key):
-            return statistics.median(x[key] * 1000 for x in ts)
+            return infer_stages(model, [{"image": image}], t)
 
-        total = statistics.median(sum(x.values()) * 1000 for x in ts)
-        print(f"{a.model} {h}x{w} float32 inference, {variant}: median total {total:.0f} ms, "
-              f"backbone {med('backbone'):.0f}, heads {med('heads'):.0f}, postprocess "
-              f"{med('postprocess'):.0f} (n={len(ts)}, interleaved), threads {a.threads}", flush=True)
+        return run
+
+    times, outputs = time_rounds({"standard head": runner(False), "channels-last head": runner(True)},
+                                 a.runs, a.device)
+    print(f"{a.model} {h}x{w} float32 inference, {a.device}, threads {a.threads}, {a.runs} rounds after one "
+          f"warm-up, 500 candidates (objects masks)")
+    print_summary(times, outputs)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time of one training step of a config on this machine, on real batches of its training set.
 
-    python tools/step_time.py --config-file configs/Shapes/DecoupledSOLO_R18_shapes.yaml [KEY VALUE ...]
+    python benchmarks/step_time.py --config-file configs/Shapes/DecoupledSOLO_R18_shapes.yaml [KEY VALUE ...]
 
 A step is the trainer's own: the inner loop that :meth:`solo_d2.engine.Trainer.build_train_loop`
 builds for the config (float32, or autocast when ``SOLVER.AMP.ENABLED``) runs its ``run_step``:
@@ -13,12 +13,11 @@ log includes it. Prints the median and range over ``--steps`` steps after ``--wa
 import logging
 import statistics
 import sys
-import time
 
 import torch
 
-import _common  # noqa: E402
-from _common import config_parser, load_cfg
+import _setup  # noqa: E402
+from _setup import config_parser, load_cfg
 
 
 def main(argv=None):
@@ -28,9 +27,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from detectron2.data import build_detection_train_loader
-    from detectron2.utils.events import EventStorage
 
     from solo_d2.engine import Trainer, amp_precision
+    from solo_d2.engine.time_budget import time_steps
 
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
@@ -43,16 +42,7 @@ def main(argv=None):
     batches = [next(loader) for _ in range(args.warmup + args.steps)]
     loop = Trainer.build_train_loop(cfg, model, batches, optimizer)
     precision = str(amp_precision(cfg)).replace("torch.", "") if cfg.SOLVER.AMP.ENABLED else "float32"
-    cuda = torch.device(cfg.MODEL.DEVICE).type == "cuda"
-    times = []
-    with EventStorage(0) as storage:
-        for i in range(len(batches)):
-            loop.iter = storage.iter = i
-            start = time.perf_counter()
-            loop.run_step()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+    times = time_steps(loop, len(batches), cfg.MODEL.DEVICE)
     t = [x * 1000 for x in times[args.warmup :]]
     print(
         f"{args.config_file} {' '.join(args.opts)}: {precision}, batch {cfg.SOLVER.IMS_PER_BATCH}, "
@@ -62,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2
+    sys.exit(_setup.run_tool(main))  # known errors: one line, exit 2

@@ -2,7 +2,7 @@
 """Mask AP against training wall-clock time: SOLO, Decoupled SOLO, SOLOv2 and Mask R-CNN trained
 from scratch for the same minutes on the built-in shapes dataset, on this machine.
 
-    python tools/equal_time.py --minutes 8 --points 4 --output output/equal_time
+    python benchmarks/equal_time.py --minutes 8 --points 4 --output output/equal_time
 
 SOLOv2 is the SOLO config with ``SOLOv2Head`` and the mask feature sizes and warm-up of
 ``configs/Shapes/SOLOv2_R18_shapes.yaml`` (E = 64, 64-channel mask feature branch, warm-up over
@@ -27,8 +27,8 @@ import torch
 from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 
-import _common  # noqa: E402
-from _common import REPO, load_cfg
+import _setup  # noqa: E402
+from _setup import REPO, load_cfg
 from solo_d2.engine import Trainer
 
 SHARED = ["MODEL.RESNETS", "MODEL.FPN", "MODEL.BACKBONE", "INPUT", "SOLVER", "DATASETS", "DATALOADER"]
@@ -168,4 +168,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2
+    sys.exit(_setup.run_tool(main))  # known errors: one line, exit 2

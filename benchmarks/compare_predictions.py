@@ -4,7 +4,7 @@ reads the ``coco_instances_results.json`` that Detectron2's COCOEvaluator wrote 
 matches, per image, each detection of the first to the detection of the second of the same
 class with the highest mask IoU.
 
-    python tools/compare_predictions.py A/inference/DATASET/coco_instances_results.json B/... [--min-score 0.3]
+    python benchmarks/compare_predictions.py A/inference/DATASET/coco_instances_results.json B/... [--min-score 0.3]
 
 Prints the number of detections of each, and for the first's detections scoring at least
 ``--min-score``: how many have a match of mask IoU >= 0.5 / 0.9 / 1.0 (identical mask), and the

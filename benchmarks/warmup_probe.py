@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One-batch probe of how a head's mask loss reacts to the LR and warm-up, from scratch.
 
-    python tools/warmup_probe.py --head SOLOv2Head --lr 0.04 --steps 60 \\
+    python benchmarks/warmup_probe.py --head SOLOv2Head --lr 0.04 --steps 60 \\
         SOLVER.WARMUP_ITERS 100 SOLVER.WARMUP_FACTOR 0.01
 
 Builds the tiny test config (``configs/tests/SOLO_tiny.yaml``) with ``--head`` and the given
@@ -9,14 +9,14 @@ Builds the tiny test config (``configs/tests/SOLO_tiny.yaml``) with ``--head`` a
 each) with SGD (momentum 0.9), whole-model gradient clipping at 35 and a linear warm-up from
 ``SOLVER.WARMUP_FACTOR`` over ``SOLVER.WARMUP_ITERS`` (0 = constant LR). Prints the losses and
 the gradient norm of the mask output layer(s) every ``--every`` steps: a mask loss that stops
-moving with a zero gradient means every mask saturated (BENCHMARKS.md, "SOLOv2").
+moving with a zero gradient means every mask saturated (docs/benchmarks/equal_time.md).
 """
 import argparse
 import sys
 
-import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
+import _setup  # noqa: F401  (the checkout's solo_d2 and tools/ first on sys.path)
 import torch
-from _common import REPO
+from _setup import REPO
 
 sys.path.insert(0, str(REPO / "tests"))
 from helpers import instances, tiny_cfg  # noqa: E402

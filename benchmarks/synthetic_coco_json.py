@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a synthetic COCO-format json of a given size (no images), to time the dataset tools.
 
-    python tools/synthetic_coco_json.py --annotations 100000 --output output/synthetic_100k.json
+    python benchmarks/synthetic_coco_json.py --annotations 100000 --output output/synthetic_100k.json
 
 Images are 640 x 480 or 480 x 640 (COCO's usual sizes), 7 annotations each (COCO's mean);
 each annotation is a random 16-vertex polygon (an ellipse) with a log-uniform scale of 4 to 400

@@ -3,8 +3,8 @@
 then ``SOLO.inference_from_outputs`` is timed (``--runs`` calls) and profiled (one call, PyTorch's
 profiler, operators by self time).
 
-    python tools/profile_postprocess.py --model SOLO --threads 1
-    python tools/profile_postprocess.py --model SOLOv2 --candidates 2000 --threads 1
+    python benchmarks/profile_postprocess.py --model SOLO --threads 1
+    python benchmarks/profile_postprocess.py --model SOLOv2 --candidates 2000 --threads 1
 
 The set-up is ``tools/benchmark.py``'s: random weights, calibrated FrozenBN, ``--candidates``
 forced (cell, class) pairs, object-like candidate masks (``--masks objects``, the default here).
@@ -13,8 +13,10 @@ import argparse
 import statistics
 import time
 
-import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
+import _setup  # noqa: F401  (the checkout's solo_d2 and tools/ first on sys.path)
 import torch
+
+from _setup import MODELS, bench_image, is_solo, prepared_model
 
 
 def main(argv=None):
@@ -28,18 +30,13 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=15, help="operators to list")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from benchmark import MODELS, build
     from torch.profiler import ProfilerActivity, profile
 
-    from _common import calibrate_frozen_bn, force_candidates, is_solo
-
-    model = build(a.model).eval()
+    h, w = a.size or MODELS[a.model][1]
+    image = bench_image(h, w)
+    model = prepared_model(a.model, image, candidates=a.candidates, masks=a.masks)
     if not is_solo(model):
         raise SystemExit(f"--model {a.model}: not a SOLO model")
-    h, w = a.size or MODELS[a.model][1]
-    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    calibrate_frozen_bn(model, image)
-    force_candidates(model, image, a.candidates, object_masks=a.masks == "objects")
     batch = [{"image": image}]
     with torch.inference_mode():
         images = model.preprocess_image(batch)

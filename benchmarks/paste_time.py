@@ -2,7 +2,7 @@
 """Time of pasting SOLO's soft masks: the full-image paste against the box-limited one
 (``solo_d2.modeling.mask_paste``), on synthetic object-like masks, and whether they agree.
 
-    python tools/paste_time.py --masks 100 --runs 5 --threads 1
+    python benchmarks/paste_time.py --masks 100 --runs 5 --threads 1
 
 Masks of 200x336 (SOLO's finest mask size at 800x1333, padded 800x1344): faint noise (< 0.3)
 plus one soft-edged square each, sides spread log-uniformly from 4 to 120 mask pixels (16 to 480
@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 
-import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
+import _setup  # noqa: F401  (the checkout's solo_d2 and tools/ first on sys.path)
 import torch
 
 from solo_d2.modeling.mask_paste import paste_masks_full, paste_masks_in_boxes

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Soak test: train on the built-in shapes dataset for a long while and watch the resident memory.
 
-    SOLO_D2_DATASETS=/tmp/solo_soak/datasets python tools/soak.py --output /tmp/solo_soak
+    SOLO_D2_DATASETS=/tmp/solo_soak/datasets python benchmarks/soak.py --output /tmp/solo_soak
 
 Defaults: the tiny test config (``configs/tests/SOLO_tiny.yaml``: ResNet-18-FPN, 128 px inputs),
 ``shapes_train``, ``SOLVER.IMS_PER_BATCH 2``, 2,000 iterations, ``DATALOADER.NUM_WORKERS 0``,
@@ -28,8 +28,8 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-import _common  # noqa: E402
-from _common import REPO, load_cfg  # importing solo_d2 registers SOLO and the shapes datasets
+import _setup  # noqa: E402
+from _setup import REPO, load_cfg  # importing solo_d2 registers SOLO and the shapes datasets
 from solo_d2.engine import Trainer
 
 
@@ -189,4 +189,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2
+    sys.exit(_setup.run_tool(main))  # known errors: one line, exit 2

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the pre-NMS top-k goes: the reference's order against ``MODEL.SOLO.NMS_PRE_BEFORE_MASKS``.
 
-    python tools/nms_pre_order.py [--model SOLO|DecoupledSOLO|DecoupledSOLO_Light] [--candidates 2000] [--runs 3]
+    python benchmarks/nms_pre_order.py [--model SOLO|DecoupledSOLO|DecoupledSOLO_Light] [--candidates 2000] [--runs 3]
 
 Builds the model of ``tools/benchmark.py`` (random weights, FrozenBN calibrated on the image,
 category bias 0 and re-drawn mask output weights, so that there are masks to rank), runs backbone
@@ -20,8 +20,10 @@ import argparse
 import statistics
 import time
 
-import _common  # noqa: F401  (the checkout's solo_d2 first on sys.path)
+import _setup  # noqa: F401  (the checkout's solo_d2 and tools/ first on sys.path)
 import torch
+
+from _setup import MODELS, bench_image, prepared_model
 
 
 def main(argv=None):
@@ -33,16 +35,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from benchmark import MODELS, build, calibrate_frozen_bn, force_candidates
-
     from solo_d2.modeling.postprocessing import point_nms
 
-    model = build(args.model).eval()
     h, w = MODELS[args.model][1]
-    g = torch.Generator().manual_seed(0)
-    image = (torch.rand(3, h, w, generator=g) * 255).to(torch.uint8)
-    calibrate_frozen_bn(model, image)
-    force_candidates(model)
+    image = bench_image(h, w)
+    model = prepared_model(args.model, image)  # the score threshold is set below
     batch = [{"image": image}]
     with torch.no_grad():
         images = model.preprocess_image(batch)

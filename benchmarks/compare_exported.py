@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Parity and latency of exported SOLO models (ONNX Runtime, torch.export, OpenVINO if installed)
-against eager PyTorch, on one config. Results for BENCHMARKS.md "Deploy".
+against eager PyTorch, on one config. Figures: docs/benchmarks/deploy.md.
 
     # a trained model on shapes_val images (the first N of DATASETS.TEST; --include-empty adds
     # an image without objects):
-    python tools/deploy/compare_exported.py --config-file output/demo_model/config.yaml \\
+    python benchmarks/compare_exported.py --config-file output/demo_model/config.yaml \\
         --images 20 --include-empty MODEL.WEIGHTS output/demo_model/model_final.pth
     # random weights at a fixed size (every head type), with latency:
-    python tools/deploy/compare_exported.py --config-file configs/COCO-InstanceSegmentation/SOLO_R50_1x.yaml \\
+    python benchmarks/compare_exported.py --config-file configs/COCO-InstanceSegmentation/SOLO_R50_1x.yaml \\
         --random-weights --size 800 1333 --images 3 --latency 5
 
 Parity, per image and detection: same number of detections and classes, scores within 1e-3,
@@ -31,8 +31,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from _common import REPO, calibrate_frozen_bn, config_parser, force_candidates  # noqa: E402
+import _setup  # noqa: F401  (the checkout's solo_d2 and tools/ first on sys.path)
+from _setup import REPO, calibrate_frozen_bn, config_parser, force_candidates  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

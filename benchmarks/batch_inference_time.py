@@ -3,7 +3,7 @@
 inference (images grouped by size, each group on its own canvas) against one joint pass on the
 batch's padded canvas (what ``SOLO`` did before; its results depend on the batch).
 
-    python tools/batch_inference_time.py --config-file configs/Shapes/DecoupledSOLO_R18_shapes.yaml \\
+    python benchmarks/batch_inference_time.py --config-file configs/Shapes/DecoupledSOLO_R18_shapes.yaml \\
         --sizes 256x256 256x192 192x256 224x224 [KEY VALUE ...]
 
 Random weights (``MODEL.WEIGHTS`` is ignored), thresholds as in the config unless overridden;
@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 import torch
-import _common  # noqa: E402
-from _common import config_parser, load_cfg
+import _setup  # noqa: E402
+from _setup import config_parser, load_cfg
 
 
 def joint_inference(model, batched_inputs):
@@ -69,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(_common.run_tool(main))  # known errors: one line, exit 2
+    sys.exit(_setup.run_tool(main))  # known errors: one line, exit 2
