@@ -3,7 +3,7 @@
 train_net.py for a fixed time on this machine, evaluate (COCO mask AP on shapes_val) and draw
 ground truth beside predictions.
 
-    python tools/demo_run.py                      # what `make demo` runs (10 minutes of training)
+    python tools/demo_run.py                      # what `make demo` runs (11 minutes of training)
     python tools/demo_run.py --train-minutes 0    # the config's whole schedule (3000 iterations)
     python tools/demo_run.py --skip-training      # only draw, with OUTPUT/model_final.pth
     python tools/demo_run.py --config-file configs/Shapes/SOLO_R18_shapes.yaml \\
@@ -60,9 +60,9 @@ def main(argv=None):
                         help="minimum score drawn in the pictures (default 0.3)")
     parser.add_argument("--skip-training", action="store_true",
                         help="do not train: draw with OUTPUT/model_final.pth")
-    parser.add_argument("--train-minutes", type=int, default=10,
+    parser.add_argument("--train-minutes", type=int, default=11,
                         help="minutes of training the schedule is fitted to on this machine "
-                             "(SOLVER.TIME_BUDGET_MINUTES; default 10, so that set-up, data, "
+                             "(SOLVER.TIME_BUDGET_MINUTES; default 11, so that set-up, data, "
                              "training and evaluation fit 15 minutes); 0: the config's MAX_ITER")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="extra config options for train_net.py (KEY VALUE ...)")
