@@ -73,7 +73,8 @@ def test_rle_polygons_and_indexed_masks_agree_with_the_masks():
         decoded = mask_util.decode({"size": [H, W], "counts": r["segmentation"]["counts"].encode()})
         assert (decoded.astype(bool) == m).all()
         assert r["area"] == m.sum() and r["bbox"] == p["bbox"]
-        filled = mask_util.decode(mask_util.merge(mask_util.frPyObjects(p["segmentation"], H, W))).astype(bool)
+        rles = mask_util.frPyObjects(p["segmentation"], H, W)
+        filled = mask_util.decode(mask_util.merge(rles)).astype(bool)
         holes_filled = cv2.floodFill((~m).astype(np.uint8), None, (0, 0), 2)[1] != 2  # m and its holes
         iou = (filled & holes_filled).sum() / (filled | holes_filled).sum()
         assert iou > 0.8  # polygons: outer boundaries, holes dropped (the ring becomes a disc)

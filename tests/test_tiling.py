@@ -32,7 +32,7 @@ class GTStub:
         x0, y0 = int(crop[0, 0, 0]), int(crop[0, 0, 1])
         h, w = crop.shape[:2]
         parts = self.masks[:, y0:y0 + h, x0:x0 + w]
-        keep = parts.reshape(len(parts), -1).any(1)
+        keep = parts.any(axis=(1, 2))
         inst = Instances((h, w))
         inst.pred_masks = torch.as_tensor(parts[keep])
         inst.scores = torch.full((int(keep.sum()),), 0.9)
@@ -46,8 +46,8 @@ def coords_image(h, w):
 
 
 def tiled(masks, classes, tile=100, overlap=20, **kw):
-    masks = np.stack(masks)
-    stub = GTStub(masks, np.asarray(classes))
+    masks = np.stack(masks) if len(masks) else masks
+    stub = GTStub(masks, np.asarray(classes, dtype=np.int64))
     predictor = TiledPredictor(stub, tile_size=tile, overlap=overlap, min_image_ratio=0.0, **kw)
     return predictor(coords_image(*masks.shape[1:]))["instances"], stub
 
@@ -92,6 +92,11 @@ def test_without_merging_the_seam_object_is_seen_twice():
     gt = [rect(100, 180, 60, 30, 130, 60)]
     inst, _ = tiled(gt, [0], merge_iou=2.0)
     assert len(inst) == 2
+
+
+def test_no_detections_give_empty_instances():
+    inst, _ = tiled(np.zeros((0, 100, 180), bool), [])
+    assert len(inst) == 0 and inst.pred_boxes.tensor.shape == (0, 4)
 
 
 def test_small_images_go_to_the_predictor_whole():

@@ -95,7 +95,8 @@ def instances_to_coco_results(instances, image_id: int, file_name: Optional[str]
             segmentation = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
         else:
             segmentation = mask_to_polygons(masks.bitmaps[i], masks.boxes[i][:2])
-        result = {"image_id": int(image_id), "category_id": int(category_ids[c]) if category_ids is not None else c,
+        category = int(category_ids[c]) if category_ids is not None else c
+        result = {"image_id": int(image_id), "category_id": category,
                   "score": round(float(scores[i]), 5), "segmentation": segmentation,
                   "bbox": [round(float(v), 2) for v in mask_util.toBbox(rle)], "area": area}
         if file_name is not None:

@@ -73,6 +73,9 @@ class CroppedMasks:
     def __len__(self) -> int:
         return len(self.bitmaps)
 
+    def __repr__(self) -> str:
+        return f"CroppedMasks(num_masks={len(self)}, image_size={self.image_size})"
+
     def __getitem__(self, item) -> "CroppedMasks":
         if isinstance(item, int):
             item = [item]
