@@ -7,10 +7,11 @@ An image larger than the model's test size is cut into overlapping square tiles
    tiles are the same object when their masks' IoU *inside the region both tiles see* (the
    intersection of the two tile windows) is at least ``merge_iou``. Inside that region the two
    tiles see the same pixels, so an object that a tile edge cuts has, in both tiles, the same
-   mask there. Merged detections (connected groups: an object over the corner of four tiles is
-   one group) become one instance whose mask is the *union* of the parts (the cut parts complete
-   each other) and whose score and class are those of the part with the largest area (the most
-   complete one).
+   mask there. Pairs are merged best first (by the lower of their two scores) into groups that
+   hold at most one detection of each tile (an object over the corner of four tiles is one group
+   of four; the model's own lower-scored variants of an object do not chain onto its best
+   detection). A group becomes one instance whose mask is the *union* of the parts (the cut
+   parts complete each other) and whose score and class are those of its best-scored part.
 2. **One Matrix NMS over the whole image** (:func:`whole_image_nms`): Matrix NMS
    (:func:`solo_d2.modeling.postprocessing.sparse_matrix_nms`, the model's own, on the pairs of
    masks that intersect) between instances that no single tile saw together: pairs that one tile
@@ -113,13 +114,22 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
     i, j = i[keep], j[keep]
     wi, wj = windows[tiles[i]], windows[tiles[j]]
     common = np.concatenate([np.maximum(wi[:, :2], wj[:, :2]), np.minimum(wi[:, 2:], wj[:, 2:])], 1)
-    for a, b, win in zip(i.tolist(), j.tolist(), common):
+    # Best pairs first (by the lower of their two scores), and a group takes at most one
+    # detection of each tile: the model's own low-scored variants of an object do not chain
+    # onto its best detection.
+    order = np.argsort(-np.minimum(scores[i], scores[j]), kind="stable")
+    group_tiles = {a: 1 << int(tiles[a]) for a in range(k)}  # root -> bit set of its tiles
+    for a, b, win in zip(i[order].tolist(), j[order].tolist(), common[order]):
+        ra, rb = groups.find(a), groups.find(b)
+        if ra == rb or group_tiles[ra] & group_tiles[rb]:
+            continue
         inter = masks.intersection(a, b, win)
         if inter == 0:
             continue
         union = masks.area_in(a, win) + masks.area_in(b, win) - inter
         if inter >= merge_iou * union:
             groups.union(a, b)
+            group_tiles[groups.find(a)] = group_tiles[ra] | group_tiles[rb]
     roots = np.array([groups.find(a) for a in range(k)], dtype=np.int64)
     seen_by = np.zeros((k, t), dtype=bool)
     seen_by[np.arange(k), tiles] = True
@@ -128,11 +138,10 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
     out_scores, out_classes, out_seen = [scores[single]], [classes[single]], [seen_by[single]]
     merged_roots = np.unique(roots[np.bincount(roots, minlength=k)[roots] > 1])
     if len(merged_roots):
-        areas = masks.areas()
         for r in merged_roots:
             members = np.flatnonzero(roots == r)
             box, bitmap = masks.union(members)
-            best = members[np.argmax(areas[members])]  # the most complete part
+            best = members[np.argmax(scores[members])]
             out_boxes.append(box[None])
             out_bitmaps.append(bitmap)
             out_scores.append(scores[best:best + 1])
