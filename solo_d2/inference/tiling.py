@@ -10,8 +10,10 @@ An image larger than the model's test size is cut into overlapping square tiles
    mask there. Pairs are merged best first (by the lower of their two scores) into groups that
    hold at most one detection of each tile (an object over the corner of four tiles is one group
    of four; the model's own lower-scored variants of an object do not chain onto its best
-   detection). A group becomes one instance whose mask is the *union* of the parts (the cut
-   parts complete each other) and whose score and class are those of its best-scored part.
+   detection). A group becomes one instance with the score and class of its best-scored part
+   and, as mask, the best-scored *complete* part (one that touches no tile edge inside the
+   image: the object seen whole), or, when every part is cut by a tile edge, the *union* of the
+   parts (they complete each other).
 2. **One Matrix NMS over the whole image** (:func:`whole_image_nms`): Matrix NMS
    (:func:`solo_d2.modeling.postprocessing.sparse_matrix_nms`, the model's own, on the pairs of
    masks that intersect) between instances that no single tile saw together: pairs that one tile
@@ -30,7 +32,7 @@ import torch
 from ..modeling.postprocessing import sparse_matrix_nms
 from .cropped_masks import CroppedMasks
 
-__all__ = ["tile_windows", "overlapping_pairs", "merge_seams", "whole_image_nms"]
+__all__ = ["tile_windows", "overlapping_pairs", "cut_by_tile_edge", "merge_seams", "whole_image_nms"]
 
 #: Rows of boxes compared with all boxes at once by :func:`overlapping_pairs` (bounds its memory
 #: at CHUNK x K booleans).
@@ -91,6 +93,15 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+def cut_by_tile_edge(boxes: np.ndarray, windows: np.ndarray, image_size) -> np.ndarray:
+    """(K,) bool: whether each mask (its (K, 4) box) touches an edge of its tile (``windows``,
+    (K, 4)) that is not an edge of the image, i.e. may be cut there."""
+    h, w = image_size
+    b, win = np.asarray(boxes), np.asarray(windows)
+    return (((b[:, 0] <= win[:, 0]) & (win[:, 0] > 0)) | ((b[:, 1] <= win[:, 1]) & (win[:, 1] > 0))
+            | ((b[:, 2] >= win[:, 2]) & (win[:, 2] < w)) | ((b[:, 3] >= win[:, 3]) & (win[:, 3] < h)))
+
+
 def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, tiles: np.ndarray,
                 windows: np.ndarray, merge_iou: float):
     """Merge the detections that two tiles made of one object (module docs, step 1).
@@ -138,10 +149,16 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
     out_scores, out_classes, out_seen = [scores[single]], [classes[single]], [seen_by[single]]
     merged_roots = np.unique(roots[np.bincount(roots, minlength=k)[roots] > 1])
     if len(merged_roots):
+        cut = cut_by_tile_edge(masks.boxes, windows[tiles], masks.image_size)
         for r in merged_roots:
             members = np.flatnonzero(roots == r)
-            box, bitmap = masks.union(members)
             best = members[np.argmax(scores[members])]
+            complete = members[~cut[members]]
+            if len(complete):  # the object seen whole: its best-scored complete part as it is
+                part = complete[np.argmax(scores[complete])]
+                box, bitmap = masks.boxes[part], masks.bitmaps[part]
+            else:  # every part cut by a tile edge: they complete each other
+                box, bitmap = masks.union(members)
             out_boxes.append(box[None])
             out_bitmaps.append(bitmap)
             out_scores.append(scores[best:best + 1])
