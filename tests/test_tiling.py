@@ -2,6 +2,8 @@
 model's, cropped masks equal to full ones, TEST.TILE validation, and train_net.py --eval-only
 with TEST.TILE.ENABLED. The seam cases use a stub predictor that returns the ground-truth masks
 each tile sees, so that they are exact and fast."""
+import json
+
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
@@ -180,8 +182,14 @@ def test_train_net_eval_only_with_tiling(tiny_dataset, tmp_path, monkeypatch):
         "DATASETS.TEST", f"('{tiny_dataset}',)", "OUTPUT_DIR", str(tmp_path / "out"),
         "TEST.TILE.ENABLED", "True", "TEST.TILE.SIZE", "96", "TEST.TILE.OVERLAP", "32",
         "TEST.TILE.MIN_IMAGE_RATIO", "0.0",
-        # random weights: a low mask threshold, so that there are instances to merge and score
-        "MODEL.SOLO.MASK_THRESH_TEST", "0.001", "MODEL.SOLO.MAX_PER_IMAGE", "3",
+        # random weights (scores ~0.01, soft masks ~0.01): low thresholds, so that there are
+        # instances to merge and score; few candidates
+        "MODEL.SOLO.SCORE_THRESH_TEST", "0.0", "MODEL.SOLO.UPDATE_THRESH_TEST", "0.0",
+        "MODEL.SOLO.MASK_THRESH_TEST", "0.001", "MODEL.SOLO.NMS_PRE", "6",
+        "MODEL.SOLO.NMS_PRE_BEFORE_MASKS", "True", "MODEL.SOLO.MAX_PER_IMAGE", "3",
     ])
     results = train_net.main(args)
     assert "segm" in results and "AP" in results["segm"]
+    written = tmp_path / "out" / "inference" / tiny_dataset / "coco_instances_results.json"
+    preds = json.loads(written.read_text())
+    assert preds and all(p["segmentation"]["size"] == [128, 128] for p in preds)
