@@ -20,7 +20,8 @@ from detectron2.structures import Boxes, Instances
 from .layers import host_reads_are_free, masks_to_boxes, read_on_host
 from .mask_paste import paste_masks
 
-__all__ = ["point_nms", "matrix_nms", "sparse_matrix_nms", "category_strides", "SOLOPostProcessor", "float32_region"]
+__all__ = ["point_nms", "matrix_nms", "sparse_matrix_nms", "category_strides", "SOLOPostProcessor",
+           "float32_region"]
 
 
 def float32_region(device: torch.device):
