@@ -12,6 +12,7 @@ from . import modeling  # noqa: F401  (registers META_ARCH "SOLO" and the heads)
 from .config import add_solo_config, get_solo_cfg, resolve_device
 from .data import register_shapes_datasets
 from .predictor import SOLOPredictor
+from . import inference  # noqa: F401,E402  (tiled inference, COCO results: solo_d2.inference)
 
 register_shapes_datasets()  # shapes_train / shapes_val; nothing is generated until first use
 

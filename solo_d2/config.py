@@ -21,6 +21,7 @@ from .utils.cli import ConfigError
 
 __all__ = [
     "add_solo_config",
+    "check_tile_config",
     "get_solo_cfg",
     "resolve_device",
     "autocast_dtype",
@@ -324,4 +325,58 @@ def add_solo_config(cfg):
     # the same factor. The log and OUTPUT_DIR/time_budget.json say what it chose; a later run in
     # the same OUTPUT_DIR with the same budget (e.g. --resume) reuses that choice.
     _C.SOLVER.TIME_BUDGET_MINUTES = 0
+
+    # Tiled inference of images larger than the model's test size (solo_d2.inference,
+    # docs/predictions.md): the image is cut into overlapping square tiles, each predicted at
+    # the test size, and the tiles' instances merged into one image's. ENABLED makes the
+    # evaluation (train_net.py --eval-only, and evaluations during training) tile the images
+    # larger than MIN_IMAGE_RATIO x SIZE; tools/predict.py reads the other keys with --tile.
+    _C.TEST.TILE = CN()
+    _C.TEST.TILE.ENABLED = False
+    # Tile side in input pixels; 0: the test size, INPUT.MIN_SIZE_TEST (a tile is then seen at
+    # its own resolution).
+    _C.TEST.TILE.SIZE = 0
+    # Pixels shared by neighbouring tiles (0 <= OVERLAP < tile side); an object narrower than
+    # this is seen whole by at least one tile.
+    _C.TEST.TILE.OVERLAP = 64
+    # Only images whose longer side is more than this many tile sides are tiled; the others are
+    # inferred whole, resized to the test size as without tiling. 0: tile every image larger
+    # than one tile.
+    _C.TEST.TILE.MIN_IMAGE_RATIO = 1.5
+    # Two detections of one class from two tiles are one object (merged: the union of their
+    # masks) when their masks' IoU inside the region both tiles see is at least this (> 1:
+    # never merge).
+    _C.TEST.TILE.MERGE_IOU = 0.5
+    # Maximum number of instances of a tiled image (MODEL.SOLO.MAX_PER_IMAGE still applies per
+    # tile). With ENABLED, the COCO evaluation counts up to max(100, this) detections per image
+    # (COCO's standard is 100: APs of large images are then not comparable with standard APs).
+    _C.TEST.TILE.MAX_PER_IMAGE = 1000
+    # Tiles predicted per model call.
+    _C.TEST.TILE.BATCH_SIZE = 1
     return cfg
+
+
+def check_tile_config(cfg) -> None:
+    """Raise :class:`solo_d2.utils.cli.ConfigError` naming each ``TEST.TILE`` key whose value
+    is out of range (add_solo_config says what the keys mean)."""
+    t = cfg.TEST.TILE
+    size = t.SIZE or cfg.INPUT.MIN_SIZE_TEST
+    problems = []
+    if t.SIZE < 0:
+        problems.append(f"TEST.TILE.SIZE = {t.SIZE}: expected a tile side > 0 (0: INPUT.MIN_SIZE_TEST)")
+    elif size <= 0:
+        problems.append(f"TEST.TILE.SIZE = 0 means INPUT.MIN_SIZE_TEST, which is {size}: give a "
+                        "tile side > 0")
+    if t.OVERLAP < 0 or (size > 0 and t.OVERLAP >= size):
+        problems.append(f"TEST.TILE.OVERLAP = {t.OVERLAP}: expected 0 <= OVERLAP < the tile "
+                        f"side ({size})")
+    if t.MIN_IMAGE_RATIO < 0:
+        problems.append(f"TEST.TILE.MIN_IMAGE_RATIO = {t.MIN_IMAGE_RATIO}: expected >= 0")
+    if not t.MERGE_IOU > 0:
+        problems.append(f"TEST.TILE.MERGE_IOU = {t.MERGE_IOU}: expected > 0 (> 1: never merge)")
+    if t.MAX_PER_IMAGE < 1:
+        problems.append(f"TEST.TILE.MAX_PER_IMAGE = {t.MAX_PER_IMAGE}: expected >= 1")
+    if t.BATCH_SIZE < 1:
+        problems.append(f"TEST.TILE.BATCH_SIZE = {t.BATCH_SIZE}: expected >= 1")
+    if problems:
+        raise ConfigError("\n".join(problems))

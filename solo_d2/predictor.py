@@ -47,7 +47,7 @@ from detectron2.modeling import build_model
 from .checkpoint import SafeDetectionCheckpointer
 from .config import resolve_device
 
-__all__ = ["SOLOPredictor", "as_hwc3"]
+__all__ = ["SOLOPredictor", "as_hwc3", "test_input"]
 
 
 def as_hwc3(image, name: str = "image") -> np.ndarray:
@@ -154,17 +154,30 @@ class SOLOPredictor(DefaultPredictor):
         Returns:
             dict: ``{"instances": Instances}`` of size (H, W) (the original image's).
         """
-        image = as_hwc3(original_image)
-        with torch.no_grad():
+        return self.predict_batch([original_image])[0]
+
+    def predict_batch(self, original_images):
+        """:meth:`__call__` of several images in one model call: a list of ``{"instances":
+        Instances}``, one per image, each of its image's size (the results equal those of one
+        image at a time: SOLO's inference is batch-independent)."""
+        inputs = []
+        for original_image in original_images:
+            image = as_hwc3(original_image)
             if self.input_format == "RGB":
                 image = np.ascontiguousarray(image[:, :, ::-1])  # model wants RGB, input is BGR
-            height, width = image.shape[:2]
-            new_h, new_w = self.aug.get_output_shape(
-                height, width, self.aug.short_edge_length[0], self.aug.max_size
-            )
-            new_h, new_w = max(int(new_h), 1), max(int(new_w), 1)
-            if (new_h, new_w) != (height, width):
-                image = T.ResizeTransform(height, width, new_h, new_w).apply_image(image)
-            tensor = torch.as_tensor(np.ascontiguousarray(image).astype("float32").transpose(2, 0, 1))
-            inputs = {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}
-            return self.model([inputs])[0]
+            inputs.append(test_input(image, self.aug, self.cfg.MODEL.DEVICE))
+        with torch.no_grad():
+            return self.model(inputs)
+
+
+def test_input(image: np.ndarray, aug: T.ResizeShortestEdge, device) -> dict:
+    """The model's input dict of an (H, W, C) image already in the model's channel order:
+    ``{"image": (C, h, w) float32 tensor on device, "height": H, "width": W}``, the image resized
+    by ``aug`` (the test size; at least 1 pixel per side, no resize when the size is unchanged)."""
+    height, width = image.shape[:2]
+    new_h, new_w = aug.get_output_shape(height, width, aug.short_edge_length[0], aug.max_size)
+    new_h, new_w = max(int(new_h), 1), max(int(new_w), 1)
+    if (new_h, new_w) != (height, width):
+        image = T.ResizeTransform(height, width, new_h, new_w).apply_image(image)
+    tensor = torch.as_tensor(np.ascontiguousarray(image).astype("float32").transpose(2, 0, 1))
+    return {"image": tensor.to(device), "height": height, "width": width}

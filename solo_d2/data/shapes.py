@@ -154,6 +154,9 @@ def render_shapes_image(
     noise_std=8.0,
     max_occlusion=0.5,
     max_tries=10,
+    min_objects=1,
+    num_large=0,
+    large_size=(96.0, 400.0),
 ):
     """Render one synthetic image and the visible masks of its objects.
 
@@ -171,6 +174,11 @@ def render_shapes_image(
             hidden by later objects. A placement that would hide more is re-drawn, up to
             ``max_tries`` times, after which the object is left out.
         max_tries (int): placement attempts per object, >= 1.
+        min_objects (int): the number of objects tried is ``rng.integers(min_objects,
+            max_objects + 1)`` (large images: many small objects).
+        num_large (int): that many more objects, of sizes log-uniform in ``large_size`` (min,
+            max), e.g. objects that cross the tiles of a tiled inference; 0 (default) draws no
+            random number for them, so the images of the other arguments are unchanged.
 
     Returns:
         tuple(np.ndarray, list[dict]):
@@ -195,16 +203,24 @@ def render_shapes_image(
         raise ValueError(f"max_occlusion must be in [0, 1], got {max_occlusion}")
     if max_tries < 1:
         raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+    if not 0 <= min_objects <= max(max_objects, 1):
+        raise ValueError(f"need 0 <= min_objects <= max_objects, got min_objects={min_objects}, "
+                         f"max_objects={max_objects}")
+    if num_large < 0:
+        raise ValueError(f"num_large must be >= 0, got {num_large}")
+    if num_large and not 0 < large_size[0] <= large_size[1]:
+        raise ValueError(f"need 0 < large_size min <= max, got {tuple(large_size)}")
 
     image = _render_background(rng, height, width, noise_std=noise_std)
     empty = rng.random() < empty_prob
-    num = 0 if (empty or max_objects == 0) else int(rng.integers(1, max_objects + 1))
+    num = 0 if (empty or max_objects == 0) else int(rng.integers(min_objects, max_objects + 1))
 
     # Draw all random parameters first; draw the largest objects first.
     specs = []
-    for _ in range(num):
+    for k in range(num + (0 if empty else num_large)):
+        lo, hi = (min_size, max_size) if k < num else large_size
         category_id = int(rng.integers(1, len(SHAPES_CLASSES) + 1))
-        size = float(math.exp(rng.uniform(math.log(min_size), math.log(max_size))))
+        size = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         specs.append((category_id, size))
     specs.sort(key=lambda t: -t[1])
 

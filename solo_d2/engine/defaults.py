@@ -14,6 +14,8 @@
 - ``SOLVER.OPTIMIZER`` (SGD or AdamW) and ``SOLVER.CLIP_GRADIENTS_FULL_MODEL_NORM`` (clips the L2
   norm of all gradients together, as the reference does; Detectron2 clips per parameter);
 - the evaluator is COCO's, for both ``segm`` and ``bbox``;
+- ``TEST.TILE.ENABLED``: the evaluation tiles large images (:meth:`Trainer.test`,
+  :class:`solo_d2.inference.TiledModel`), the way ``tools/predict.py --tile`` predicts them;
 - ``MODEL.SOLO.NUM_CLASSES`` is checked against the training data once it is loaded, and the
   grid coverage of that data (which objects the grids lose, and why) is logged, with a warning
   per loss cause above 5% (:func:`solo_d2.analysis.grid_coverage.log_grid_coverage`);
@@ -210,17 +212,36 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader with the file-naming mapper; with ``TEST.TILE.ENABLED``
+        the images keep their own size (the tiler resizes each tile, or a small image, to the
+        test size)."""
+        extra = {"augmentations": []} if cfg.TEST.TILE.ENABLED else {}
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=FileNamingDatasetMapper(cfg, False)
+            cfg, dataset_name, mapper=FileNamingDatasetMapper(cfg, False, **extra)
         )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO's evaluator (segm and bbox); with ``TEST.TILE.ENABLED`` it counts up to
+        ``max(100, TEST.TILE.MAX_PER_IMAGE)`` detections per image."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        max_dets = max(100, cfg.TEST.TILE.MAX_PER_IMAGE) if cfg.TEST.TILE.ENABLED else None
         return DatasetEvaluators(
-            [COCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder)]
+            [COCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder,
+                           max_dets_per_image=max_dets)]
         )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``DefaultTrainer.test``; with ``TEST.TILE.ENABLED`` the model's inference tiles the
+        large images (:class:`solo_d2.inference.TiledModel`, the ``TEST.TILE`` keys checked
+        first), as ``tools/predict.py --tile`` does."""
+        if cfg.TEST.TILE.ENABLED:
+            from ..inference import TiledModel
+
+            model = TiledModel(cfg, model)
+        return super().test(cfg, model, evaluators)
 
 
 def setup_cfg(args, extra_opts=()):

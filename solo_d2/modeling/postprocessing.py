@@ -20,7 +20,8 @@ from detectron2.structures import Boxes, Instances
 from .layers import host_reads_are_free, masks_to_boxes, read_on_host, solo_cfg_args
 from .mask_paste import paste_masks
 
-__all__ = ["point_nms", "matrix_nms", "category_strides", "SOLOPostProcessor", "float32_region"]
+__all__ = ["point_nms", "matrix_nms", "sparse_matrix_nms", "category_strides", "SOLOPostProcessor",
+           "float32_region"]
 
 
 def float32_region(device: torch.device):
@@ -94,15 +95,53 @@ def _matrix_nms(masks, labels, scores, kernel, sigma):
     # zero row keeps the reduction defined for K = 0 and changes nothing (IoUs are >= 0).
     zero = decay_iou.new_zeros((1, k))
     comp = torch.cat([zero, decay_iou]).max(dim=0).values[:, None]  # (K, 1): row i's
-    if kernel == "gaussian":
-        decay = torch.exp(-sigma * (decay_iou**2 - comp**2))
-    elif kernel == "linear":
-        decay = (1 - decay_iou) / (1 - comp).clamp(min=1e-6)
-    else:
-        raise ValueError(f"MODEL.SOLO.NMS_KERNEL must be 'gaussian' or 'linear', got {kernel!r}")
+    decay = _decay(decay_iou, comp, kernel, sigma)
     # A row of ones keeps the reduction defined for K = 0 and changes nothing: every column's
     # minimum is <= 1 (row 0, the best mask, is never compensated).
     return scores * torch.cat([torch.ones_like(zero), decay]).min(dim=0).values
+
+
+def _decay(iou: torch.Tensor, comp: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
+    """Matrix NMS's decay factor of a mask j by a higher-scored mask i: ``iou`` their IoU,
+    ``comp`` mask i's own max IoU with the masks above it (broadcast together)."""
+    if kernel == "gaussian":
+        return torch.exp(-sigma * (iou**2 - comp**2))
+    if kernel == "linear":
+        return (1 - iou) / (1 - comp).clamp(min=1e-6)
+    raise ValueError(f"MODEL.SOLO.NMS_KERNEL must be 'gaussian' or 'linear', got {kernel!r}")
+
+
+def sparse_matrix_nms(
+    scores: torch.Tensor,
+    above: torch.Tensor,
+    below: torch.Tensor,
+    ious: torch.Tensor,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+) -> torch.Tensor:
+    """:func:`matrix_nms` from the list of overlapping pairs instead of (K, K) masks: the same
+    decayed scores, in memory proportional to the number of pairs.
+
+    A pair of masks that do not intersect changes nothing in Matrix NMS (its factor
+    ``decay(0, comp) >= 1`` never lowers the minimum, which is at most 1), so only the pairs
+    that do need to be given.
+
+    Args:
+        scores: (K,) float, descending.
+        above, below: (P,) int64 indices of the pairs, ``above < below`` (the higher-scored
+            mask first), of the same class (the caller decides which pairs decay each other).
+        ious: (P,) float IoU of each pair.
+    Returns:
+        (K,) float: the decayed scores.
+    """
+    with float32_region(scores.device):
+        scores = scores.float()
+        ious = ious.float()
+        k = scores.shape[0]
+        comp = scores.new_zeros(k).scatter_reduce(0, below, ious, "amax", include_self=True)
+        factors = _decay(ious, comp[above], kernel, sigma)
+        decay = scores.new_ones(k).scatter_reduce(0, below, factors, "amin", include_self=True)
+        return scores * decay
 
 
 def _same_class_intersections(flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
