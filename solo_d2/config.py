@@ -366,9 +366,10 @@ def add_solo_config(cfg):
     # stride, tile side - OVERLAP (an object longer than the stride lies inside one tile only
     # by chance; one longer than the tile side never).
     _C.TEST.TILE.WHOLE_IMAGE_MIN_SIZE = 0
-    # A tile's detection is dropped when at least this fraction of the smaller of its mask and
-    # a kept whole-image mask lies in both (intersection / smaller area, any class): a part or
-    # a copy of an object the whole-image pass gave.
+    # A tile's detection is dropped as a part or a copy of a kept whole-image instance when at
+    # least this fraction of the smaller of the two masks lies in both (intersection / smaller
+    # area, any class) and the detection is cut by its tile's edge (a part) or at least half
+    # the whole-image mask's area (a copy); a small object the tile sees whole stays.
     _C.TEST.TILE.WHOLE_IMAGE_COVER = 0.5
     return cfg
 

@@ -113,19 +113,21 @@ def test_a_fragment_inside_the_other_tiles_mask_merges_despite_a_low_iou():
 def test_a_large_object_comes_whole_from_the_whole_image_pass():
     """A 150 x 40 object over three tiles (tile 100, overlap 20, stride 80: longer than the
     stride) comes out once, with the whole-image pass's mask and score, even with seam merging
-    off: the tiles' parts lie inside it and are dropped."""
+    off: the tiles' parts lie inside it and are dropped. Small objects come from the tiles, also
+    one lying inside the large object's mask (as on top of it, under a coarse mask)."""
     h, w = 100, 260
-    gt = [rect(h, w, 40, 30, 190, 70), rect(h, w, 200, 10, 215, 25), rect(h, w, 10, 75, 22, 90)]
-    inst, stub = tiled(gt, [0, 1, 2], whole_score=0.95, merge_iou=2.0, merge_cover=2.0)
+    gt = [rect(h, w, 40, 30, 190, 70), rect(h, w, 200, 10, 215, 25), rect(h, w, 10, 75, 22, 90),
+          rect(h, w, 120, 40, 135, 55)]
+    inst, stub = tiled(gt, [0, 1, 2, 3], whole_score=0.95, merge_iou=2.0, merge_cover=2.0)
     assert stub.calls == 4
     assert_same_instances(inst, gt)
     by_box = dict(zip(map(tuple, inst.pred_boxes.tensor.int().tolist()), inst.scores.tolist()))
     assert by_box[(40, 30, 190, 70)] == pytest.approx(0.95)  # the whole-image pass
-    assert by_box[(200, 10, 215, 25)] == pytest.approx(0.9)  # small: from the tiles
-    assert by_box[(10, 75, 22, 90)] == pytest.approx(0.9)
-    without, _ = tiled(gt, [0, 1, 2], whole_score=0.95, merge_iou=2.0, merge_cover=2.0,
+    for small in [(200, 10, 215, 25), (10, 75, 22, 90), (120, 40, 135, 55)]:
+        assert by_box[small] == pytest.approx(0.9)  # from the tiles
+    without, _ = tiled(gt, [0, 1, 2, 3], whole_score=0.95, merge_iou=2.0, merge_cover=2.0,
                        whole_image_pass=False)
-    assert len(without) == 5  # the large object in three parts
+    assert len(without) == 6  # the large object in three parts
 
 
 def test_whole_image_min_size_sends_objects_to_the_tiles():

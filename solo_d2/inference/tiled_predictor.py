@@ -18,8 +18,9 @@ Matrix NMS run over the whole image (:mod:`solo_d2.inference.tiling`); at most
 With ``whole_image_pass`` the tiled image is also given to the wrapped predictor whole (resized
 to the test size): its instances whose box's longer side is more than ``whole_image_min_size``
 (default: the tile stride, tile side - overlap) are kept, cropped to their boxes, and each tile's
-detections that such an instance mostly covers (``whole_image_cover`` of the smaller mask) are
-dropped before merging; large objects then come whole from the whole-image pass, small ones
+detections that are parts or copies of such an instance
+(:func:`~solo_d2.inference.tiling.parts_of_whole`, ``whole_image_cover``) are dropped before
+merging; large objects then come whole from the whole-image pass, small ones
 from the tiles. Its masks are full-size while the wrapped predictor returns them (at most
 ``MODEL.SOLO.MAX_PER_IMAGE`` x H x W bools), then cropped.
 
@@ -38,7 +39,7 @@ from detectron2.structures import Instances
 
 from ..config import check_tile_config
 from .cropped_masks import CroppedMasks
-from .tiling import cover_fraction, merge_seams, tile_windows, whole_image_nms
+from .tiling import merge_seams, parts_of_whole, tile_windows, whole_image_nms
 
 __all__ = ["TiledPredictor"]
 
@@ -130,11 +131,12 @@ class TiledPredictor:
             outputs = self._predict([image[y0:y1, x0:x1] for x0, y0, x1, y1 in chunk])
             for t, window, out in zip(range(start, start + len(chunk)), chunk, outputs):
                 inst = out["instances"].to("cpu")
+                tile_masks = CroppedMasks.from_masks(inst.pred_masks, window[:2], (height, width))
                 if whole is not None and len(inst) and len(whole[0]):
-                    covered = cover_fraction(inst.pred_masks, torch.as_tensor(whole[0].crop(window)),
-                                             torch.as_tensor(whole[0].areas()))
-                    inst = inst[(covered < self.whole_image_cover).all(dim=1)]
-                masks.append(CroppedMasks.from_masks(inst.pred_masks, window[:2], (height, width)))
+                    keep = ~parts_of_whole(torch.as_tensor(inst.pred_masks), tile_masks.boxes,
+                                           window, whole[0], self.whole_image_cover)
+                    inst, tile_masks = inst[torch.as_tensor(keep)], tile_masks[keep]
+                masks.append(tile_masks)
                 scores.append(inst.scores.float().numpy())
                 classes.append(inst.pred_classes.numpy())
                 tiles.append(np.full(len(inst), t, dtype=np.int64))

@@ -4,9 +4,11 @@ An image larger than the model's test size is cut into overlapping square tiles
 (:func:`tile_windows`); each tile is predicted on its own. Then, in full-image coordinates:
 
 0. **Whole-image pass** (optional): the image resized to the test size is predicted once as
-   well; its instances larger than a tile can see whole are kept, and a tile's detection mostly
-   covered by one of them (:func:`cover_fraction`: intersection / smaller area, any class) is
-   dropped: a part or a copy of that object.
+   well; its instances larger than a tile can see whole are kept, and a tile's detection that is
+   a part or a copy of one of them is dropped (:func:`parts_of_whole`): mostly inside it or
+   containing it (:func:`cover_fraction`: intersection / smaller area, any class) and either cut
+   by a tile edge (a part) or at least half its area (a copy). A small object seen whole by a
+   tile stays, even on top of a large one (whose coarse whole-image mask may cover it).
 1. **Seam merging** (:func:`merge_seams`): two detections of the same class from two different
    tiles are the same object when their masks' IoU *inside the region both tiles see* (the
    intersection of the two tile windows) is at least ``merge_iou``, or when one of them is cut
@@ -40,8 +42,8 @@ import torch
 from ..modeling.postprocessing import sparse_matrix_nms
 from .cropped_masks import CroppedMasks
 
-__all__ = ["tile_windows", "overlapping_pairs", "cut_by_tile_edge", "cover_fraction", "merge_seams",
-           "whole_image_nms"]
+__all__ = ["tile_windows", "overlapping_pairs", "cut_by_tile_edge", "cover_fraction", "parts_of_whole",
+           "merge_seams", "whole_image_nms"]
 
 #: Rows of boxes compared with all boxes at once by :func:`overlapping_pairs` (bounds its memory
 #: at CHUNK x K booleans).
@@ -125,6 +127,24 @@ def cover_fraction(masks: torch.Tensor, covers: torch.Tensor, cover_areas: torch
     inter = m @ covers.flatten(1).float().t()
     smaller = torch.minimum(m.sum(1)[:, None], torch.as_tensor(cover_areas, dtype=torch.float32)[None])
     return torch.where(smaller > 0, inter / smaller.clamp(min=1), torch.zeros(()))
+
+
+def parts_of_whole(tile_masks: torch.Tensor, boxes: np.ndarray, window, whole: CroppedMasks,
+                   min_cover: float) -> np.ndarray:
+    """(R,) bool: which of a tile's detections are parts or copies of the whole-image instances
+    ``whole`` (module docs, step 0).
+
+    Args:
+        tile_masks: (R, h, w) bool, the tile's masks; ``boxes``: (R, 4) their boxes in image
+            coordinates; ``window``: the tile's (x0, y0, x1, y1), of size (h, w).
+        whole: the kept whole-image instances' masks, of the image.
+        min_cover: intersection / smaller area from which a detection lies in (or holds) one.
+    """
+    areas = torch.as_tensor(whole.areas(), dtype=torch.float32)
+    cover = cover_fraction(tile_masks, torch.as_tensor(whole.crop(window)), areas)  # (R, C)
+    cut = cut_by_tile_edge(boxes, np.tile(np.asarray(window)[None], (len(boxes), 1)), whole.image_size)
+    copy = tile_masks.flatten(1).sum(1)[:, None] >= 0.5 * areas[None]
+    return ((cover >= min_cover) & (torch.as_tensor(cut)[:, None] | copy)).any(dim=1).numpy()
 
 
 def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, tiles: np.ndarray,
