@@ -110,6 +110,16 @@ def test_a_fragment_inside_the_other_tiles_mask_merges_despite_a_low_iou():
     assert merged.boxes.tolist() == [[60, 10, 140, 90]]  # both cut: the union
 
 
+def test_two_tiles_naming_one_object_differently_merge_across_classes_only_if_asked():
+    windows = np.array([[0, 0, 100, 100], [80, 0, 180, 100]])
+    masks = CroppedMasks(np.array([[60, 30, 100, 60], [80, 30, 130, 60]]),
+                         [np.ones((30, 40), bool), np.ones((30, 50), bool)], (100, 180))
+    args = masks, np.array([0.7, 0.8]), np.array([2, 1]), np.array([0, 1]), windows, 0.5
+    assert len(merge_seams(*args)[0]) == 2
+    merged, scores, classes, _ = merge_seams(*args, across_classes=True)
+    assert merged.boxes.tolist() == [[60, 30, 130, 60]] and classes.tolist() == [1]
+
+
 def test_a_large_object_comes_whole_from_the_whole_image_pass():
     """A 150 x 40 object over three tiles (tile 100, overlap 20, stride 80: longer than the
     stride) comes out once, with the whole-image pass's mask and score, even with seam merging
@@ -213,7 +223,9 @@ def test_tile_config_errors_name_the_keys():
     cfg.TEST.TILE.WHOLE_IMAGE_MIN_SIZE = -1
     cfg.TEST.TILE.WHOLE_IMAGE_COVER = 0.0
     cfg.TEST.TILE.MERGE_COVER = -0.5
-    with pytest.raises(ConfigError, match=r"MERGE_COVER = -0.5.*\n.*WHOLE_IMAGE_PASS = 'yes'"
+    cfg.TEST.TILE.MERGE_ACROSS_CLASSES = 1
+    with pytest.raises(ConfigError, match=r"MERGE_COVER = -0.5.*\n.*MERGE_ACROSS_CLASSES = 1.*\n"
+                                          r".*WHOLE_IMAGE_PASS = 'yes'"
                                           r".*\n.*WHOLE_IMAGE_MIN_SIZE = -1.*\n.*WHOLE_IMAGE_COVER = 0.0"):
         check_tile_config(cfg)
     t = TiledPredictor(tiny_cfg(), None)

@@ -52,6 +52,7 @@ class TiledPredictor:
                  min_image_ratio: float = 1.5, merge_iou: float = 0.5, max_per_image: int = 1000,
                  batch_size: int = 1, nms_kernel: str = "gaussian", nms_sigma: float = 2.0,
                  update_thresh: float = 0.05, merge_cover: float = 0.8,
+                 merge_across_classes: bool = False,
                  whole_image_pass: bool = True, whole_image_min_size: int = 0,
                  whole_image_cover: float = 0.5):
         """
@@ -81,6 +82,7 @@ class TiledPredictor:
         self.nms_kernel, self.nms_sigma = nms_kernel, float(nms_sigma)
         self.update_thresh = float(update_thresh)
         self.merge_cover = float(merge_cover)
+        self.merge_across_classes = bool(merge_across_classes)
         self.whole_image_pass = bool(whole_image_pass)
         self.whole_image_min_size = int(whole_image_min_size) or self.tile_size - self.overlap
         self.whole_image_cover = float(whole_image_cover)
@@ -101,6 +103,7 @@ class TiledPredictor:
             "nms_sigma": sc.NMS_SIGMA,
             "update_thresh": sc.UPDATE_THRESH_TEST,
             "merge_cover": t.MERGE_COVER,
+            "merge_across_classes": t.MERGE_ACROSS_CLASSES,
             "whole_image_pass": t.WHOLE_IMAGE_PASS,
             "whole_image_min_size": t.WHOLE_IMAGE_MIN_SIZE,
             "whole_image_cover": t.WHOLE_IMAGE_COVER,
@@ -160,7 +163,8 @@ class TiledPredictor:
         given, the kept whole-image instances ``whole`` (:meth:`large_whole_image_instances`):
         seam merging, whole-image Matrix NMS, the update threshold and the ``max_per_image`` cap."""
         masks, scores, classes, seen_by = merge_seams(masks, scores, classes, tiles, windows,
-                                                      self.merge_iou, self.merge_cover)
+                                                      self.merge_iou, self.merge_cover,
+                                                      self.merge_across_classes)
         if whole is not None:  # the whole-image pass: one more "tile", seeing the whole image
             seen_by = np.concatenate([np.pad(seen_by, ((0, 0), (0, 1))),
                                       np.eye(1, len(windows) + 1, len(windows), dtype=bool)

@@ -9,8 +9,9 @@ An image larger than the model's test size is cut into overlapping square tiles
    containing it (:func:`cover_fraction`: intersection / smaller area, any class) and either cut
    by a tile edge (a part) or at least half its area (a copy). A small object seen whole by a
    tile stays, even on top of a large one (whose coarse whole-image mask may cover it).
-1. **Seam merging** (:func:`merge_seams`): two detections of the same class from two different
-   tiles are the same object when their masks' IoU *inside the region both tiles see* (the
+1. **Seam merging** (:func:`merge_seams`): two detections of the same class (of any classes with
+   ``across_classes``: two tiles may name one object differently) from two different tiles are
+   the same object when their masks' IoU *inside the region both tiles see* (the
    intersection of the two tile windows) is at least ``merge_iou``, or when one of them is cut
    by a tile edge and, inside that region, at least ``merge_cover`` of the smaller of the two
    masks there lies in the other (a fragment contained in the other tile's mask, whose IoU is
@@ -148,7 +149,8 @@ def parts_of_whole(tile_masks: torch.Tensor, boxes: np.ndarray, window, whole: C
 
 
 def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, tiles: np.ndarray,
-                windows: np.ndarray, merge_iou: float, merge_cover: float = 2.0):
+                windows: np.ndarray, merge_iou: float, merge_cover: float = 2.0,
+                across_classes: bool = False):
     """Merge the detections that two tiles made of one object (module docs, step 1).
 
     Args:
@@ -159,6 +161,8 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
             object (> 1: never merge).
         merge_cover: intersection / smaller area inside that region from which a detection cut
             by a tile edge and another are one object (> 1: IoU only).
+        across_classes: also merge detections of different classes (the group takes its best
+            part's class).
     Returns:
         ``(masks, scores, classes, seen_by)``: the merged instances (first those not merged, in
         their order, then the merged groups), ``seen_by`` a (K', T) bool array: which tiles
@@ -168,7 +172,7 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
     windows = np.asarray(windows).reshape(-1, 4)
     groups = _UnionFind(k)
     i, j = overlapping_pairs(masks.boxes)
-    keep = (tiles[i] != tiles[j]) & (classes[i] == classes[j])
+    keep = (tiles[i] != tiles[j]) & ((classes[i] == classes[j]) | across_classes)
     i, j = i[keep], j[keep]
     wi, wj = windows[tiles[i]], windows[tiles[j]]
     common = np.concatenate([np.maximum(wi[:, :2], wj[:, :2]), np.minimum(wi[:, 2:], wj[:, 2:])], 1)
