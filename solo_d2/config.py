@@ -347,12 +347,34 @@ def add_solo_config(cfg):
     # masks) when their masks' IoU inside the region both tiles see is at least this (> 1:
     # never merge).
     _C.TEST.TILE.MERGE_IOU = 0.5
+    # Two such detections are also one object when one of them is cut by a tile edge (a
+    # fragment) and, inside the region both tiles see, at least this fraction of the smaller of
+    # the two masks there lies in the other (intersection / smaller area): a fragment that the
+    # other tile's mask contains, whatever their IoU (> 1: IoU only).
+    _C.TEST.TILE.MERGE_COVER = 0.8
+    # Also merge two tiles' detections of different classes (the object takes its best-scored
+    # part's class): two tiles may name one object differently, which otherwise leaves it twice.
+    # Fewer seam duplicates, at some AP (a second class hypothesis is lost).
+    _C.TEST.TILE.MERGE_ACROSS_CLASSES = False
     # Maximum number of instances of a tiled image (MODEL.SOLO.MAX_PER_IMAGE still applies per
     # tile). With ENABLED, the COCO evaluation counts up to max(100, this) detections per image
     # (COCO's standard is 100: APs of large images are then not comparable with standard APs).
     _C.TEST.TILE.MAX_PER_IMAGE = 1000
     # Tiles predicted per model call.
     _C.TEST.TILE.BATCH_SIZE = 1
+    # Also predict the whole image resized to the test size (as without tiling) and take the
+    # large objects from it: an object larger than a tile is seen by the tiles only in parts.
+    _C.TEST.TILE.WHOLE_IMAGE_PASS = True
+    # The whole-image pass's instances whose box's longer side is more than this (image pixels)
+    # are kept; the others are dropped (the tiles see them at a higher resolution). 0: the tile
+    # stride, tile side - OVERLAP (an object longer than the stride lies inside one tile only
+    # by chance; one longer than the tile side never).
+    _C.TEST.TILE.WHOLE_IMAGE_MIN_SIZE = 0
+    # A tile's detection is dropped as a part or a copy of a kept whole-image instance when at
+    # least this fraction of the smaller of the two masks lies in both (intersection / smaller
+    # area, any class) and the detection is cut by its tile's edge (a part) or at least half
+    # the whole-image mask's area (a copy); a small object the tile sees whole stays.
+    _C.TEST.TILE.WHOLE_IMAGE_COVER = 0.5
     return cfg
 
 
@@ -378,5 +400,15 @@ def check_tile_config(cfg) -> None:
         problems.append(f"TEST.TILE.MAX_PER_IMAGE = {t.MAX_PER_IMAGE}: expected >= 1")
     if t.BATCH_SIZE < 1:
         problems.append(f"TEST.TILE.BATCH_SIZE = {t.BATCH_SIZE}: expected >= 1")
+    if not t.MERGE_COVER > 0:
+        problems.append(f"TEST.TILE.MERGE_COVER = {t.MERGE_COVER}: expected > 0 (> 1: IoU only)")
+    for key in ("MERGE_ACROSS_CLASSES", "WHOLE_IMAGE_PASS"):
+        if not isinstance(t[key], bool):
+            problems.append(f"TEST.TILE.{key} = {t[key]!r}: expected True or False")
+    if t.WHOLE_IMAGE_MIN_SIZE < 0:
+        problems.append(f"TEST.TILE.WHOLE_IMAGE_MIN_SIZE = {t.WHOLE_IMAGE_MIN_SIZE}: expected "
+                        ">= 0 (0: tile side - OVERLAP)")
+    if not 0 < t.WHOLE_IMAGE_COVER <= 1:
+        problems.append(f"TEST.TILE.WHOLE_IMAGE_COVER = {t.WHOLE_IMAGE_COVER}: expected in (0, 1]")
     if problems:
         raise ConfigError("\n".join(problems))

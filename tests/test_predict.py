@@ -149,9 +149,18 @@ def test_input_and_option_errors_exit_2(predict, folder, tmp_path, capsys):
         (["--input", str(tmp_path / "none*.png")], "no file matches"),
         (["--input", str(folder / "a.png"), "--tile", "big"], "--tile big"),
         (["--input", str(folder / "a.png"), "--tile", "64", "--overlap", "64"], "TEST.TILE.OVERLAP = 64"),
+        (["--input", str(folder / "a.png"), "--no-whole-image-pass"], "--no-whole-image-pass needs --tile"),
         (["--input", str(folder / "a.png"), "--gt-json", write_gt(tmp_path / "g.json", ["x.png"])],
          "no image of file name"),
     ]:
         assert run_main(predict.main, base + argv, prog="predict.py", known=(ValueError,)) == 2
         assert expected in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_no_whole_image_pass_sets_its_key(predict):
+    args = predict.get_parser().parse_args(["--config-file", TINY_CONFIG, "--input", "x.png",
+                                            "--output", "p.json", "--tile", "auto",
+                                            "--no-whole-image-pass"])
+    opts = predict.tile_opts(args)
+    assert opts[opts.index("TEST.TILE.WHOLE_IMAGE_PASS") + 1] == "False"

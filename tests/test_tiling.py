@@ -13,7 +13,7 @@ from detectron2.structures import Instances
 from helpers import TINY_CONFIG, load_script, tiny_cfg
 from solo_d2.checkpoint import PARTIAL_WEIGHTS_ENV
 from solo_d2.config import check_tile_config
-from solo_d2.inference import CroppedMasks, TiledPredictor, tile_windows
+from solo_d2.inference import CroppedMasks, TiledPredictor, merge_seams, tile_windows
 from solo_d2.modeling.postprocessing import matrix_nms, sparse_matrix_nms
 from solo_d2.utils.cli import ConfigError
 
@@ -22,11 +22,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 class GTStub:
     """A tile predictor that returns the ground-truth masks visible in the tile (score 0.9,
-    their classes). The image's channels 0 and 1 hold each pixel's x and y, so a tile knows
-    where it is."""
+    their classes; ``whole_score`` for the whole image, the whole-image pass). The image's
+    channels 0 and 1 hold each pixel's x and y, so a tile knows where it is."""
 
-    def __init__(self, masks, classes):
-        self.masks, self.classes = masks, classes
+    def __init__(self, masks, classes, whole_score=0.9):
+        self.masks, self.classes, self.whole_score = masks, classes, whole_score
         self.calls = 0
 
     def __call__(self, crop):
@@ -37,7 +37,8 @@ class GTStub:
         keep = parts.any(axis=(1, 2))
         inst = Instances((h, w))
         inst.pred_masks = torch.as_tensor(parts[keep])
-        inst.scores = torch.full((int(keep.sum()),), 0.9)
+        whole = (h, w) == self.masks.shape[1:]
+        inst.scores = torch.full((int(keep.sum()),), self.whole_score if whole else 0.9)
         inst.pred_classes = torch.as_tensor(self.classes[keep], dtype=torch.int64)
         return {"instances": inst}
 
@@ -47,9 +48,9 @@ def coords_image(h, w):
     return np.stack([xs, ys, np.zeros_like(xs)], axis=2).astype(np.int32)
 
 
-def tiled(masks, classes, tile=100, overlap=20, **kw):
+def tiled(masks, classes, tile=100, overlap=20, whole_score=0.9, **kw):
     masks = np.stack(masks) if len(masks) else masks
-    stub = GTStub(masks, np.asarray(classes, dtype=np.int64))
+    stub = GTStub(masks, np.asarray(classes, dtype=np.int64), whole_score)
     predictor = TiledPredictor(stub, tile_size=tile, overlap=overlap, min_image_ratio=0.0, **kw)
     return predictor(coords_image(*masks.shape[1:]))["instances"], stub
 
@@ -70,7 +71,7 @@ def assert_same_instances(inst, gt):
 def test_object_across_a_vertical_seam_is_one_instance_with_its_full_mask():
     gt = [rect(100, 180, 60, 30, 130, 60), rect(100, 180, 5, 5, 20, 20), rect(100, 180, 84, 70, 96, 90)]
     inst, stub = tiled(gt, [0, 1, 2])  # tiles x [0, 100) and [80, 180)
-    assert stub.calls == 2
+    assert stub.calls == 3  # two tiles and the whole-image pass
     assert_same_instances(inst, gt)
     boxes = inst.pred_boxes.tensor.tolist()
     assert [60, 30, 130, 60] in boxes
@@ -79,7 +80,7 @@ def test_object_across_a_vertical_seam_is_one_instance_with_its_full_mask():
 def test_object_over_the_corner_of_four_tiles_is_one_instance():
     ys, xs = np.mgrid[0:180, 0:180]
     disc = (xs - 90) ** 2 + (ys - 90) ** 2 <= 30 ** 2
-    inst, stub = tiled([disc], [3])
+    inst, stub = tiled([disc], [3], whole_image_pass=False)
     assert stub.calls == 4
     assert_same_instances(inst, [disc])
 
@@ -92,8 +93,58 @@ def test_two_touching_objects_across_a_seam_stay_two():
 
 def test_without_merging_the_seam_object_is_seen_twice():
     gt = [rect(100, 180, 60, 30, 130, 60)]
-    inst, _ = tiled(gt, [0], merge_iou=2.0)
+    inst, _ = tiled(gt, [0], merge_iou=2.0, merge_cover=2.0)
     assert len(inst) == 2
+
+
+def test_a_fragment_inside_the_other_tiles_mask_merges_despite_a_low_iou():
+    """Tile 0 cuts the object at x = 100; tile 1's mask is taller: IoU 0.375 in the common
+    region x [80, 100), but all of tile 0's part there lies in tile 1's mask."""
+    windows = np.array([[0, 0, 100, 100], [80, 0, 180, 100]])
+    masks = CroppedMasks(np.array([[60, 30, 100, 60], [80, 10, 140, 90]]),
+                         [np.ones((30, 40), bool), np.ones((80, 60), bool)], (100, 180))
+    args = masks, np.array([0.9, 0.8]), np.array([0, 0]), np.array([0, 1]), windows, 0.5
+    assert len(merge_seams(*args, merge_cover=2.0)[0]) == 2
+    merged, scores, _, seen_by = merge_seams(*args, merge_cover=0.8)
+    assert len(merged) == 1 and scores.tolist() == [0.9] and seen_by.all()
+    assert merged.boxes.tolist() == [[60, 10, 140, 90]]  # both cut: the union
+
+
+def test_two_tiles_naming_one_object_differently_merge_across_classes_only_if_asked():
+    windows = np.array([[0, 0, 100, 100], [80, 0, 180, 100]])
+    masks = CroppedMasks(np.array([[60, 30, 100, 60], [80, 30, 130, 60]]),
+                         [np.ones((30, 40), bool), np.ones((30, 50), bool)], (100, 180))
+    args = masks, np.array([0.7, 0.8]), np.array([2, 1]), np.array([0, 1]), windows, 0.5
+    assert len(merge_seams(*args)[0]) == 2
+    merged, scores, classes, _ = merge_seams(*args, across_classes=True)
+    assert merged.boxes.tolist() == [[60, 30, 130, 60]] and classes.tolist() == [1]
+
+
+def test_a_large_object_comes_whole_from_the_whole_image_pass():
+    """A 150 x 40 object over three tiles (tile 100, overlap 20, stride 80: longer than the
+    stride) comes out once, with the whole-image pass's mask and score, even with seam merging
+    off: the tiles' parts lie inside it and are dropped. Small objects come from the tiles, also
+    one lying inside the large object's mask (as on top of it, under a coarse mask)."""
+    h, w = 100, 260
+    gt = [rect(h, w, 40, 30, 190, 70), rect(h, w, 200, 10, 215, 25), rect(h, w, 10, 75, 22, 90),
+          rect(h, w, 120, 40, 135, 55)]
+    inst, stub = tiled(gt, [0, 1, 2, 3], whole_score=0.95, merge_iou=2.0, merge_cover=2.0)
+    assert stub.calls == 4
+    assert_same_instances(inst, gt)
+    by_box = dict(zip(map(tuple, inst.pred_boxes.tensor.int().tolist()), inst.scores.tolist()))
+    assert by_box[(40, 30, 190, 70)] == pytest.approx(0.95)  # the whole-image pass
+    for small in [(200, 10, 215, 25), (10, 75, 22, 90), (120, 40, 135, 55)]:
+        assert by_box[small] == pytest.approx(0.9)  # from the tiles
+    without, _ = tiled(gt, [0, 1, 2, 3], whole_score=0.95, merge_iou=2.0, merge_cover=2.0,
+                       whole_image_pass=False)
+    assert len(without) == 6  # the large object in three parts
+
+
+def test_whole_image_min_size_sends_objects_to_the_tiles():
+    gt = [rect(100, 260, 40, 30, 190, 70)]
+    inst, _ = tiled(gt, [0], whole_score=0.95, whole_image_min_size=200)
+    assert_same_instances(inst, gt)  # merged from the tiles' parts
+    assert inst.scores.tolist() == [pytest.approx(0.9)]
 
 
 def test_no_detections_give_empty_instances():
@@ -167,8 +218,19 @@ def test_tile_config_errors_name_the_keys():
     cfg.TEST.TILE.SIZE = -5
     with pytest.raises(ConfigError, match="TEST.TILE.SIZE = -5"):
         check_tile_config(cfg)
+    cfg = tiny_cfg()
+    cfg.TEST.TILE.WHOLE_IMAGE_PASS = "yes"
+    cfg.TEST.TILE.WHOLE_IMAGE_MIN_SIZE = -1
+    cfg.TEST.TILE.WHOLE_IMAGE_COVER = 0.0
+    cfg.TEST.TILE.MERGE_COVER = -0.5
+    cfg.TEST.TILE.MERGE_ACROSS_CLASSES = 1
+    with pytest.raises(ConfigError, match=r"MERGE_COVER = -0.5.*\n.*MERGE_ACROSS_CLASSES = 1.*\n"
+                                          r".*WHOLE_IMAGE_PASS = 'yes'"
+                                          r".*\n.*WHOLE_IMAGE_MIN_SIZE = -1.*\n.*WHOLE_IMAGE_COVER = 0.0"):
+        check_tile_config(cfg)
     t = TiledPredictor(tiny_cfg(), None)
     assert (t.tile_size, t.overlap, t.max_per_image) == (128, 64, 1000)
+    assert (t.whole_image_pass, t.whole_image_min_size, t.whole_image_cover) == (True, 64, 0.5)
 
 
 def test_train_net_eval_only_with_tiling(tiny_dataset, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 
     python tools/predict.py --config-file CONFIG --input DIR|GLOB|FILE... --output preds.json \\
         [--format rle|polygons] [--masks-dir DIR] [--gt-json gt.json] [--tile auto|SIZE] \\
-        [--overlap PX] [--batch-size N] --opts MODEL.WEIGHTS model_final.pth
+        [--overlap PX] [--no-whole-image-pass] [--batch-size N] --opts MODEL.WEIGHTS model_final.pth
 
 Writes one COCO result per instance (``image_id``, ``file_name``, ``category_id`` in the
 dataset's ids, ``score``, ``segmentation`` as RLE or polygons, ``bbox`` and ``area`` of the
@@ -55,6 +55,9 @@ def get_parser():
                              "TEST.TILE.MIN_IMAGE_RATIO tiles long) or a tile side in pixels")
     parser.add_argument("--overlap", type=int, metavar="PX",
                         help="pixels shared by neighbouring tiles (default TEST.TILE.OVERLAP)")
+    parser.add_argument("--no-whole-image-pass", action="store_true",
+                        help="with --tile: tiles only, no whole-image pass for the large objects "
+                             "(TEST.TILE.WHOLE_IMAGE_PASS False)")
     parser.add_argument("--allow-partial-weights", action="store_true",
                         help="run even when MODEL.WEIGHTS does not fit the head or is empty")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -170,7 +173,8 @@ def build_predictor(cfg, args):
 
 
 def tile_opts(args):
-    """Config options of ``--tile`` / ``--overlap`` / ``--batch-size``."""
+    """Config options of ``--tile`` / ``--overlap`` / ``--no-whole-image-pass`` /
+    ``--batch-size``."""
     opts = ["TEST.TILE.BATCH_SIZE", str(args.batch_size)]
     if args.tile:
         if args.tile == "auto":
@@ -183,6 +187,8 @@ def tile_opts(args):
             opts += ["TEST.TILE.SIZE", str(size), "TEST.TILE.MIN_IMAGE_RATIO", "0.0"]
     if args.overlap is not None:
         opts += ["TEST.TILE.OVERLAP", str(args.overlap)]
+    if args.no_whole_image_pass:
+        opts += ["TEST.TILE.WHOLE_IMAGE_PASS", "False"]
     return opts
 
 
@@ -192,6 +198,8 @@ def main(argv=None):
         raise UserError(f"--batch-size {args.batch_size}: expected >= 1")
     if args.overlap is not None and not args.tile:
         raise UserError("--overlap needs --tile")
+    if args.no_whole_image_pass and not args.tile:
+        raise UserError("--no-whole-image-pass needs --tile")
     paths = expand_inputs(args.input)
     check_output(args.output, paths, args.gt_json)
     if args.gt_json and not os.path.isfile(args.gt_json):

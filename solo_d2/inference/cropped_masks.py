@@ -117,6 +117,18 @@ class CroppedMasks:
             out[i, y0:y1, x0:x1] = self.bitmaps[i]
         return out if dtype is None else out.astype(dtype)
 
+    def crop(self, window) -> np.ndarray:
+        """(N, y1 - y0, x1 - x0) bool: all masks inside ``window`` = (x0, y0, x1, y1)."""
+        wx0, wy0, wx1, wy1 = (int(v) for v in window)
+        out = np.zeros((len(self), wy1 - wy0, wx1 - wx0), dtype=bool)
+        lo = np.maximum(self.boxes[:, :2], [wx0, wy0])  # (N, 2) x, y of the part inside
+        hi = np.minimum(self.boxes[:, 2:], [wx1, wy1])
+        for k in np.flatnonzero((lo < hi).all(axis=1)):
+            (x0, y0), (x1, y1), b = lo[k], hi[k], self.boxes[k]
+            out[k, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0] = self.bitmaps[k][y0 - b[1]:y1 - b[1],
+                                                                          x0 - b[0]:x1 - b[0]]
+        return out
+
     def intersection(self, i: int, j: int, window=None) -> int:
         """Pixels in both mask i and mask j (and inside ``window`` = (x0, y0, x1, y1) if given)."""
         a, b = self.boxes[i], self.boxes[j]

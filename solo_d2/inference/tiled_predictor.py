@@ -15,6 +15,15 @@ tiles' instances moved into image coordinates, the objects the overlaps saw twic
 Matrix NMS run over the whole image (:mod:`solo_d2.inference.tiling`); at most
 ``max_per_image`` instances, by decayed score. Smaller images go to the wrapped predictor whole.
 
+With ``whole_image_pass`` the tiled image is also given to the wrapped predictor whole (resized
+to the test size): its instances whose box's longer side is more than ``whole_image_min_size``
+(default: the tile stride, tile side - overlap) are kept, cropped to their boxes, and each tile's
+detections that are parts or copies of such an instance
+(:func:`~solo_d2.inference.tiling.parts_of_whole`, ``whole_image_cover``) are dropped before
+merging; large objects then come whole from the whole-image pass, small ones
+from the tiles. Its masks are full-size while the wrapped predictor returns them (at most
+``MODEL.SOLO.MAX_PER_IMAGE`` x H x W bools), then cropped.
+
 Output of a tiled image: ``Instances`` of the image's size with ``pred_masks`` a
 :class:`~solo_d2.inference.cropped_masks.CroppedMasks` (boxes and cropped bitmaps: memory grows
 with the masks' areas, not with the number of instances times the image size), ``pred_boxes``
@@ -30,7 +39,7 @@ from detectron2.structures import Instances
 
 from ..config import check_tile_config
 from .cropped_masks import CroppedMasks
-from .tiling import merge_seams, tile_windows, whole_image_nms
+from .tiling import merge_seams, parts_of_whole, tile_windows, whole_image_nms
 
 __all__ = ["TiledPredictor"]
 
@@ -42,7 +51,10 @@ class TiledPredictor:
     def __init__(self, predictor, *, tile_size: int, overlap: int = 64,
                  min_image_ratio: float = 1.5, merge_iou: float = 0.5, max_per_image: int = 1000,
                  batch_size: int = 1, nms_kernel: str = "gaussian", nms_sigma: float = 2.0,
-                 update_thresh: float = 0.05):
+                 update_thresh: float = 0.05, merge_cover: float = 0.8,
+                 merge_across_classes: bool = False,
+                 whole_image_pass: bool = True, whole_image_min_size: int = 0,
+                 whole_image_cover: float = 0.5):
         """
         Args:
             predictor: the predictor of one tile (module docs), e.g. a ``SOLOPredictor``.
@@ -69,6 +81,11 @@ class TiledPredictor:
         self.batch_size = max(int(batch_size), 1)
         self.nms_kernel, self.nms_sigma = nms_kernel, float(nms_sigma)
         self.update_thresh = float(update_thresh)
+        self.merge_cover = float(merge_cover)
+        self.merge_across_classes = bool(merge_across_classes)
+        self.whole_image_pass = bool(whole_image_pass)
+        self.whole_image_min_size = int(whole_image_min_size) or self.tile_size - self.overlap
+        self.whole_image_cover = float(whole_image_cover)
 
     @classmethod
     def from_config(cls, cfg, predictor):
@@ -85,6 +102,11 @@ class TiledPredictor:
             "nms_kernel": sc.NMS_KERNEL,
             "nms_sigma": sc.NMS_SIGMA,
             "update_thresh": sc.UPDATE_THRESH_TEST,
+            "merge_cover": t.MERGE_COVER,
+            "merge_across_classes": t.MERGE_ACROSS_CLASSES,
+            "whole_image_pass": t.WHOLE_IMAGE_PASS,
+            "whole_image_min_size": t.WHOLE_IMAGE_MIN_SIZE,
+            "whole_image_cover": t.WHOLE_IMAGE_COVER,
         }
 
     def should_tile(self, height: int, width: int) -> bool:
@@ -105,25 +127,50 @@ class TiledPredictor:
         if not self.should_tile(height, width):
             return self._predict([image])[0]
         windows = tile_windows(height, width, self.tile_size, self.overlap)
+        whole = self.large_whole_image_instances(image) if self.whole_image_pass else None
         masks, scores, classes, tiles = [], [], [], []
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start:start + self.batch_size]
             outputs = self._predict([image[y0:y1, x0:x1] for x0, y0, x1, y1 in chunk])
-            for t, (x0, y0, _, _), out in zip(range(start, start + len(chunk)), chunk, outputs):
+            for t, window, out in zip(range(start, start + len(chunk)), chunk, outputs):
                 inst = out["instances"].to("cpu")
-                masks.append(CroppedMasks.from_masks(inst.pred_masks, (x0, y0), (height, width)))
+                tile_masks = CroppedMasks.from_masks(inst.pred_masks, window[:2], (height, width))
+                if whole is not None and len(inst) and len(whole[0]):
+                    keep = ~parts_of_whole(torch.as_tensor(inst.pred_masks), tile_masks.boxes,
+                                           window, whole[0], self.whole_image_cover)
+                    inst, tile_masks = inst[torch.as_tensor(keep)], tile_masks[keep]
+                masks.append(tile_masks)
                 scores.append(inst.scores.float().numpy())
                 classes.append(inst.pred_classes.numpy())
                 tiles.append(np.full(len(inst), t, dtype=np.int64))
         return {"instances": self.combine(CroppedMasks.cat(masks), np.concatenate(scores),
                                           np.concatenate(classes), np.concatenate(tiles),
-                                          np.asarray(windows))}
+                                          np.asarray(windows), whole)}
 
-    def combine(self, masks, scores, classes, tiles, windows) -> Instances:
-        """The image's ``Instances`` from all tiles' detections in image coordinates: seam
-        merging, whole-image Matrix NMS, the update threshold and the ``max_per_image`` cap."""
+    def large_whole_image_instances(self, image):
+        """The whole-image pass (module docs): ``(masks, scores, classes)`` of the instances of
+        ``image`` predicted whole whose box's longer side is more than ``whole_image_min_size``;
+        ``masks`` a :class:`CroppedMasks` of the image, scores (N,) float32, classes (N,) int64."""
+        inst = self._predict([image])[0]["instances"].to("cpu")
+        masks = CroppedMasks.from_masks(inst.pred_masks)
+        sides = np.maximum(masks.boxes[:, 2] - masks.boxes[:, 0], masks.boxes[:, 3] - masks.boxes[:, 1])
+        keep = np.flatnonzero(sides > self.whole_image_min_size)
+        return (masks[keep], inst.scores.float().numpy()[keep],
+                inst.pred_classes.numpy().astype(np.int64)[keep])
+
+    def combine(self, masks, scores, classes, tiles, windows, whole=None) -> Instances:
+        """The image's ``Instances`` from all tiles' detections in image coordinates and, if
+        given, the kept whole-image instances ``whole`` (:meth:`large_whole_image_instances`):
+        seam merging, whole-image Matrix NMS, the update threshold and the ``max_per_image`` cap."""
         masks, scores, classes, seen_by = merge_seams(masks, scores, classes, tiles, windows,
-                                                      self.merge_iou)
+                                                      self.merge_iou, self.merge_cover,
+                                                      self.merge_across_classes)
+        if whole is not None:  # the whole-image pass: one more "tile", seeing the whole image
+            seen_by = np.concatenate([np.pad(seen_by, ((0, 0), (0, 1))),
+                                      np.eye(1, len(windows) + 1, len(windows), dtype=bool)
+                                      .repeat(len(whole[0]), axis=0)])
+            masks = CroppedMasks.cat([masks, whole[0]])
+            scores, classes = np.concatenate([scores, whole[1]]), np.concatenate([classes, whole[2]])
         order = np.argsort(-scores, kind="stable")
         masks, scores, classes, seen_by = masks[order], scores[order], classes[order], seen_by[order]
         scores = whole_image_nms(masks, scores, classes, seen_by, self.nms_kernel, self.nms_sigma)

@@ -3,11 +3,21 @@
 An image larger than the model's test size is cut into overlapping square tiles
 (:func:`tile_windows`); each tile is predicted on its own. Then, in full-image coordinates:
 
-1. **Seam merging** (:func:`merge_seams`): two detections of the same class from two different
-   tiles are the same object when their masks' IoU *inside the region both tiles see* (the
-   intersection of the two tile windows) is at least ``merge_iou``. Inside that region the two
-   tiles see the same pixels, so an object that a tile edge cuts has, in both tiles, the same
-   mask there. Pairs are merged best first (by the lower of their two scores) into groups that
+0. **Whole-image pass** (optional): the image resized to the test size is predicted once as
+   well; its instances larger than a tile can see whole are kept, and a tile's detection that is
+   a part or a copy of one of them is dropped (:func:`parts_of_whole`): mostly inside it or
+   containing it (:func:`cover_fraction`: intersection / smaller area, any class) and either cut
+   by a tile edge (a part) or at least half its area (a copy). A small object seen whole by a
+   tile stays, even on top of a large one (whose coarse whole-image mask may cover it).
+1. **Seam merging** (:func:`merge_seams`): two detections of the same class (of any classes with
+   ``across_classes``: two tiles may name one object differently) from two different tiles are
+   the same object when their masks' IoU *inside the region both tiles see* (the
+   intersection of the two tile windows) is at least ``merge_iou``, or when one of them is cut
+   by a tile edge and, inside that region, at least ``merge_cover`` of the smaller of the two
+   masks there lies in the other (a fragment contained in the other tile's mask, whose IoU is
+   low because the other mask also covers what lies beyond the fragment's tile). Inside that
+   region the two tiles see the same pixels, so an object that a tile edge cuts has, in both
+   tiles, the same mask there. Pairs are merged best first (by the lower of their two scores) into groups that
    hold at most one detection of each tile (an object over the corner of four tiles is one group
    of four; the model's own lower-scored variants of an object do not chain onto its best
    detection). A group becomes one instance with the score and class of its best-scored part
@@ -17,7 +27,8 @@ An image larger than the model's test size is cut into overlapping square tiles
 2. **One Matrix NMS over the whole image** (:func:`whole_image_nms`): Matrix NMS
    (:func:`solo_d2.modeling.postprocessing.sparse_matrix_nms`, the model's own, on the pairs of
    masks that intersect) between instances that no single tile saw together: pairs that one tile
-   saw were already decayed by that tile's own Matrix NMS, and are not decayed twice.
+   saw were already decayed by that tile's own Matrix NMS, and are not decayed twice (the
+   whole-image pass counts as one more tile, seeing the whole image).
 
 Memory: masks stay cropped to their boxes (:class:`~solo_d2.inference.cropped_masks.CroppedMasks`);
 pairs are found from boxes in chunks (never a K x K matrix) and only pairs whose boxes overlap
@@ -32,7 +43,8 @@ import torch
 from ..modeling.postprocessing import sparse_matrix_nms
 from .cropped_masks import CroppedMasks
 
-__all__ = ["tile_windows", "overlapping_pairs", "cut_by_tile_edge", "merge_seams", "whole_image_nms"]
+__all__ = ["tile_windows", "overlapping_pairs", "cut_by_tile_edge", "cover_fraction", "parts_of_whole",
+           "merge_seams", "whole_image_nms"]
 
 #: Rows of boxes compared with all boxes at once by :func:`overlapping_pairs` (bounds its memory
 #: at CHUNK x K booleans).
@@ -102,8 +114,43 @@ def cut_by_tile_edge(boxes: np.ndarray, windows: np.ndarray, image_size) -> np.n
             | ((b[:, 2] >= win[:, 2]) & (win[:, 2] < w)) | ((b[:, 3] >= win[:, 3]) & (win[:, 3] < h)))
 
 
+def cover_fraction(masks: torch.Tensor, covers: torch.Tensor, cover_areas: torch.Tensor) -> torch.Tensor:
+    """(R, C) float32: for each pair, the pixels in both masks / the smaller of the two masks'
+    areas (0 where either is empty), from one matrix product.
+
+    Args:
+        masks: (R, h, w) bool, masks lying wholly inside the (h, w) window (a tile's detections).
+        covers: (C, h, w) bool, other masks' parts inside the same window
+            (:meth:`CroppedMasks.crop`).
+        cover_areas: (C,) the whole areas of the covers (also what lies outside the window).
+    """
+    m = masks.flatten(1).float()
+    inter = m @ covers.flatten(1).float().t()
+    smaller = torch.minimum(m.sum(1)[:, None], torch.as_tensor(cover_areas, dtype=torch.float32)[None])
+    return torch.where(smaller > 0, inter / smaller.clamp(min=1), torch.zeros(()))
+
+
+def parts_of_whole(tile_masks: torch.Tensor, boxes: np.ndarray, window, whole: CroppedMasks,
+                   min_cover: float) -> np.ndarray:
+    """(R,) bool: which of a tile's detections are parts or copies of the whole-image instances
+    ``whole`` (module docs, step 0).
+
+    Args:
+        tile_masks: (R, h, w) bool, the tile's masks; ``boxes``: (R, 4) their boxes in image
+            coordinates; ``window``: the tile's (x0, y0, x1, y1), of size (h, w).
+        whole: the kept whole-image instances' masks, of the image.
+        min_cover: intersection / smaller area from which a detection lies in (or holds) one.
+    """
+    areas = torch.as_tensor(whole.areas(), dtype=torch.float32)
+    cover = cover_fraction(tile_masks, torch.as_tensor(whole.crop(window)), areas)  # (R, C)
+    cut = cut_by_tile_edge(boxes, np.tile(np.asarray(window)[None], (len(boxes), 1)), whole.image_size)
+    copy = tile_masks.flatten(1).sum(1)[:, None] >= 0.5 * areas[None]
+    return ((cover >= min_cover) & (torch.as_tensor(cut)[:, None] | copy)).any(dim=1).numpy()
+
+
 def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, tiles: np.ndarray,
-                windows: np.ndarray, merge_iou: float):
+                windows: np.ndarray, merge_iou: float, merge_cover: float = 2.0,
+                across_classes: bool = False):
     """Merge the detections that two tiles made of one object (module docs, step 1).
 
     Args:
@@ -112,6 +159,10 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
         windows: (T, 4) the tiles' windows (:func:`tile_windows`).
         merge_iou: IoU inside the two tiles' common region from which two detections are one
             object (> 1: never merge).
+        merge_cover: intersection / smaller area inside that region from which a detection cut
+            by a tile edge and another are one object (> 1: IoU only).
+        across_classes: also merge detections of different classes (the group takes its best
+            part's class).
     Returns:
         ``(masks, scores, classes, seen_by)``: the merged instances (first those not merged, in
         their order, then the merged groups), ``seen_by`` a (K', T) bool array: which tiles
@@ -121,7 +172,7 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
     windows = np.asarray(windows).reshape(-1, 4)
     groups = _UnionFind(k)
     i, j = overlapping_pairs(masks.boxes)
-    keep = (tiles[i] != tiles[j]) & (classes[i] == classes[j])
+    keep = (tiles[i] != tiles[j]) & ((classes[i] == classes[j]) | across_classes)
     i, j = i[keep], j[keep]
     wi, wj = windows[tiles[i]], windows[tiles[j]]
     common = np.concatenate([np.maximum(wi[:, :2], wj[:, :2]), np.minimum(wi[:, 2:], wj[:, 2:])], 1)
@@ -129,6 +180,7 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
     # detection of each tile: the model's own low-scored variants of an object do not chain
     # onto its best detection.
     order = np.argsort(-np.minimum(scores[i], scores[j]), kind="stable")
+    cut = cut_by_tile_edge(masks.boxes, windows[tiles], masks.image_size)
     group_tiles = {a: 1 << int(tiles[a]) for a in range(k)}  # root -> bit set of its tiles
     for a, b, win in zip(i[order].tolist(), j[order].tolist(), common[order]):
         ra, rb = groups.find(a), groups.find(b)
@@ -137,8 +189,9 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
         inter = masks.intersection(a, b, win)
         if inter == 0:
             continue
-        union = masks.area_in(a, win) + masks.area_in(b, win) - inter
-        if inter >= merge_iou * union:
+        area_a, area_b = masks.area_in(a, win), masks.area_in(b, win)
+        fragment = (cut[a] or cut[b]) and inter >= merge_cover * min(area_a, area_b)
+        if fragment or inter >= merge_iou * (area_a + area_b - inter):
             groups.union(a, b)
             group_tiles[groups.find(a)] = group_tiles[ra] | group_tiles[rb]
     roots = np.array([groups.find(a) for a in range(k)], dtype=np.int64)
@@ -149,7 +202,6 @@ def merge_seams(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray, ti
     out_scores, out_classes, out_seen = [scores[single]], [classes[single]], [seen_by[single]]
     merged_roots = np.unique(roots[np.bincount(roots, minlength=k)[roots] > 1])
     if len(merged_roots):
-        cut = cut_by_tile_edge(masks.boxes, windows[tiles], masks.image_size)
         for r in merged_roots:
             members = np.flatnonzero(roots == r)
             best = members[np.argmax(scores[members])]
