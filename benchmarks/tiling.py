@@ -11,15 +11,16 @@ Generates (once) a large-image split of the shapes dataset (``--num-images`` ima
 options), then predicts it, each mode in its own process (so that its peak memory is its own):
 
 - ``whole``: the image resized to the test size (``SOLOPredictor``, MAX_PER_IMAGE 1000);
-- ``tiled``: :class:`solo_d2.inference.TiledPredictor`, ``--tile`` / ``--overlap``, tiles only
+- ``tiled``: :class:`solo_d2.inference.TiledPredictor`, ``--tile`` / ``--overlap``, tiles only, seams merged within a class
   (no whole-image pass);
 - ``tiled_iou``: the same, seams merged by IoU only (``merge_cover`` 2): what merging fragments
   by cover adds;
 - ``tiled_nomerge``: the same without seam merging (``merge_iou`` and ``merge_cover`` 2): what
   the merging removes;
-- ``two_pass``: tiles and the whole-image pass (the defaults, ``TEST.TILE.WHOLE_IMAGE_*``):
+- ``two_pass``: tiles and the whole-image pass (``TEST.TILE.WHOLE_IMAGE_*``), seams merged
+  within a class only (``merge_across_classes`` False):
   large objects from the whole image, small ones from the tiles;
-- ``two_pass_any_class``: the same, seams also merged across classes (``merge_across_classes``).
+- ``two_pass_any_class``: the same, seams also merged across classes (the defaults).
 
 Reports COCO mask AP / AP50 / AP_small / AR (up to 1000 detections per image), the GT objects
 crossing a seam (a tile edge inside the image) that are *split* (two or more predictions scored
@@ -39,10 +40,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 MODES = ("whole", "tiled", "tiled_iou", "tiled_nomerge", "two_pass", "two_pass_any_class")
 #: TiledPredictor arguments of each tiled mode (module docs).
-TILED = {"tiled": dict(whole_image_pass=False),
-         "tiled_iou": dict(whole_image_pass=False, merge_cover=2.0),
+TILED = {"tiled": dict(whole_image_pass=False, merge_across_classes=False),
+         "tiled_iou": dict(whole_image_pass=False, merge_cover=2.0, merge_across_classes=False),
          "tiled_nomerge": dict(whole_image_pass=False, merge_iou=2.0, merge_cover=2.0),
-         "two_pass": dict(whole_image_pass=True),
+         "two_pass": dict(whole_image_pass=True, merge_across_classes=False),
          "two_pass_any_class": dict(whole_image_pass=True, merge_across_classes=True)}
 SPLIT = "large"
 GEN = dict(min_objects=150, max_objects=200, min_size=10.0, max_size=40.0, num_large=8,

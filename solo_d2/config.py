@@ -353,9 +353,10 @@ def add_solo_config(cfg):
     # other tile's mask contains, whatever their IoU (> 1: IoU only).
     _C.TEST.TILE.MERGE_COVER = 0.8
     # Also merge two tiles' detections of different classes (the object takes its best-scored
-    # part's class): two tiles may name one object differently, which otherwise leaves it twice.
-    # Fewer seam duplicates, at some AP (a second class hypothesis is lost).
-    _C.TEST.TILE.MERGE_ACROSS_CLASSES = False
+    # part's class): two tiles may name one object differently, which otherwise leaves it twice
+    # at the seam. False keeps both class hypotheses (which COCO AP rewards slightly), at the
+    # price of such duplicates.
+    _C.TEST.TILE.MERGE_ACROSS_CLASSES = True
     # Maximum number of instances of a tiled image (MODEL.SOLO.MAX_PER_IMAGE still applies per
     # tile). With ENABLED, the COCO evaluation counts up to max(100, this) detections per image
     # (COCO's standard is 100: APs of large images are then not comparable with standard APs).

@@ -77,6 +77,33 @@ def test_object_across_a_vertical_seam_is_one_instance_with_its_full_mask():
     assert [60, 30, 130, 60] in boxes
 
 
+class ClassPerTileStub(GTStub):
+    """:class:`GTStub` whose tiles name every object by the tile's column (class = 1 + x0 // 80):
+    two tiles that see one object give it two classes."""
+
+    def __call__(self, crop):
+        out = super().__call__(crop)
+        inst = out["instances"]
+        inst.pred_classes = torch.full((len(inst),), 1 + int(crop[0, 0, 0]) // 80, dtype=torch.int64)
+        return out
+
+
+def test_an_object_two_tiles_name_differently_is_one_instance_by_default():
+    # The object crosses the seam of tiles x [0, 100) and [80, 180); each tile calls it another
+    # class. By default (TEST.TILE.MERGE_ACROSS_CLASSES True) it is one object with the full mask
+    # and the class of its best-scored part; within a class only, it stays twice.
+    gt = [rect(100, 180, 60, 30, 130, 60)]
+    stub = ClassPerTileStub(np.stack(gt), np.array([0]))
+    image = coords_image(100, 180)
+    inst = TiledPredictor(stub, tile_size=100, overlap=20, min_image_ratio=0.0,
+                          whole_image_pass=False)(image)["instances"]
+    assert_same_instances(inst, gt)
+    assert inst.pred_classes.tolist()[0] in (1, 2)
+    apart = TiledPredictor(stub, tile_size=100, overlap=20, min_image_ratio=0.0,
+                           whole_image_pass=False, merge_across_classes=False)(image)["instances"]
+    assert sorted(apart.pred_classes.tolist()) == [1, 2]
+
+
 def test_object_over_the_corner_of_four_tiles_is_one_instance():
     ys, xs = np.mgrid[0:180, 0:180]
     disc = (xs - 90) ** 2 + (ys - 90) ** 2 <= 30 ** 2

@@ -52,7 +52,7 @@ class TiledPredictor:
                  min_image_ratio: float = 1.5, merge_iou: float = 0.5, max_per_image: int = 1000,
                  batch_size: int = 1, nms_kernel: str = "gaussian", nms_sigma: float = 2.0,
                  update_thresh: float = 0.05, merge_cover: float = 0.8,
-                 merge_across_classes: bool = False,
+                 merge_across_classes: bool = True,
                  whole_image_pass: bool = True, whole_image_min_size: int = 0,
                  whole_image_cover: float = 0.5):
         """
