@@ -47,7 +47,7 @@ from detectron2.modeling import build_model
 from .checkpoint import SafeDetectionCheckpointer
 from .config import resolve_device
 
-__all__ = ["SOLOPredictor", "as_hwc3", "test_input"]
+__all__ = ["SOLOPredictor", "as_hwc3", "model_input"]
 
 
 def as_hwc3(image, name: str = "image") -> np.ndarray:
@@ -165,12 +165,12 @@ class SOLOPredictor(DefaultPredictor):
             image = as_hwc3(original_image)
             if self.input_format == "RGB":
                 image = np.ascontiguousarray(image[:, :, ::-1])  # model wants RGB, input is BGR
-            inputs.append(test_input(image, self.aug, self.cfg.MODEL.DEVICE))
+            inputs.append(model_input(image, self.aug, self.cfg.MODEL.DEVICE))
         with torch.no_grad():
             return self.model(inputs)
 
 
-def test_input(image: np.ndarray, aug: T.ResizeShortestEdge, device) -> dict:
+def model_input(image: np.ndarray, aug: T.ResizeShortestEdge, device) -> dict:
     """The model's input dict of an (H, W, C) image already in the model's channel order:
     ``{"image": (C, h, w) float32 tensor on device, "height": H, "width": W}``, the image resized
     by ``aug`` (the test size; at least 1 pixel per side, no resize when the size is unchanged)."""

@@ -11,7 +11,7 @@ import torch
 from detectron2.data import transforms as T
 from torch import nn
 
-from ..predictor import test_input
+from ..predictor import model_input
 from .tiled_predictor import TiledPredictor
 
 __all__ = ["TiledModel"]
@@ -26,7 +26,7 @@ class _ModelTiles:
 
     def predict_batch(self, images):
         with torch.no_grad():
-            return self.model([test_input(np.ascontiguousarray(im), self.aug, self.device)
+            return self.model([model_input(np.ascontiguousarray(im), self.aug, self.device)
                                for im in images])
 
 
