@@ -331,51 +331,57 @@ def add_solo_config(cfg):
     # the test size, and the tiles' instances merged into one image's. ENABLED makes the
     # evaluation (train_net.py --eval-only, and evaluations during training) tile the images
     # larger than MIN_IMAGE_RATIO x SIZE; tools/predict.py reads the other keys with --tile.
-    _C.TEST.TILE = CN()
-    _C.TEST.TILE.ENABLED = False
-    # Tile side in input pixels; 0: the test size, INPUT.MIN_SIZE_TEST (a tile is then seen at
-    # its own resolution).
-    _C.TEST.TILE.SIZE = 0
-    # Pixels shared by neighbouring tiles (0 <= OVERLAP < tile side); an object narrower than
-    # this is seen whole by at least one tile.
-    _C.TEST.TILE.OVERLAP = 64
-    # Only images whose longer side is more than this many tile sides are tiled; the others are
-    # inferred whole, resized to the test size as without tiling. 0: tile every image larger
-    # than one tile.
-    _C.TEST.TILE.MIN_IMAGE_RATIO = 1.5
-    # Two detections of one class from two tiles are one object (merged: the union of their
-    # masks) when their masks' IoU inside the region both tiles see is at least this (> 1:
-    # never merge).
-    _C.TEST.TILE.MERGE_IOU = 0.5
-    # Two such detections are also one object when one of them is cut by a tile edge (a
-    # fragment) and, inside the region both tiles see, at least this fraction of the smaller of
-    # the two masks there lies in the other (intersection / smaller area): a fragment that the
-    # other tile's mask contains, whatever their IoU (> 1: IoU only).
-    _C.TEST.TILE.MERGE_COVER = 0.8
-    # Also merge two tiles' detections of different classes (the object takes its best-scored
-    # part's class): two tiles may name one object differently, which otherwise leaves it twice
-    # at the seam. False keeps both class hypotheses (which COCO AP rewards slightly), at the
-    # price of such duplicates.
-    _C.TEST.TILE.MERGE_ACROSS_CLASSES = True
-    # Maximum number of instances of a tiled image (MODEL.SOLO.MAX_PER_IMAGE still applies per
-    # tile). With ENABLED, the COCO evaluation counts up to max(100, this) detections per image
-    # (COCO's standard is 100: APs of large images are then not comparable with standard APs).
-    _C.TEST.TILE.MAX_PER_IMAGE = 1000
-    # Tiles predicted per model call.
-    _C.TEST.TILE.BATCH_SIZE = 1
-    # Also predict the whole image resized to the test size (as without tiling) and take the
-    # large objects from it: an object larger than a tile is seen by the tiles only in parts.
-    _C.TEST.TILE.WHOLE_IMAGE_PASS = True
-    # The whole-image pass's instances whose box's longer side is more than this (image pixels)
-    # are kept; the others are dropped (the tiles see them at a higher resolution). 0: the tile
-    # stride, tile side - OVERLAP (an object longer than the stride lies inside one tile only
-    # by chance; one longer than the tile side never).
-    _C.TEST.TILE.WHOLE_IMAGE_MIN_SIZE = 0
-    # A tile's detection is dropped as a part or a copy of a kept whole-image instance when at
-    # least this fraction of the smaller of the two masks lies in both (intersection / smaller
-    # area, any class) and the detection is cut by its tile's edge (a part) or at least half
-    # the whole-image mask's area (a copy); a small object the tile sees whole stays.
-    _C.TEST.TILE.WHOLE_IMAGE_COVER = 0.5
+    _C.TEST.TILE = CN(
+        {
+            "ENABLED": False,
+            # Tile side in input pixels; 0: the test size, INPUT.MIN_SIZE_TEST (a tile is then seen
+            # at its own resolution).
+            "SIZE": 0,
+            # Pixels shared by neighbouring tiles (0 <= OVERLAP < tile side); an object narrower
+            # than this is seen whole by at least one tile.
+            "OVERLAP": 64,
+            # Only images whose longer side is more than this many tile sides are tiled; the others
+            # are inferred whole, resized to the test size as without tiling. 0: tile every image
+            # larger than one tile.
+            "MIN_IMAGE_RATIO": 1.5,
+            # Two detections of one class from two tiles are one object (merged: the union of their
+            # masks) when their masks' IoU inside the region both tiles see is at least this (> 1:
+            # never merge).
+            "MERGE_IOU": 0.5,
+            # Two such detections are also one object when one of them is cut by a tile edge (a
+            # fragment) and, inside the region both tiles see, at least this fraction of the smaller
+            # of the two masks there lies in the other (intersection / smaller area): a fragment
+            # that the other tile's mask contains, whatever their IoU (> 1: IoU only).
+            "MERGE_COVER": 0.8,
+            # Also merge two tiles' detections of different classes (the object takes its
+            # best-scored part's class): two tiles may name one object differently, which
+            # otherwise leaves it twice at the seam. False keeps both class hypotheses (which COCO AP rewards
+            # slightly), at the price of such duplicates.
+            "MERGE_ACROSS_CLASSES": True,
+            # Maximum number of instances of a tiled image (MODEL.SOLO.MAX_PER_IMAGE still applies
+            # per tile). With ENABLED, the COCO evaluation counts up to max(100, this) detections
+            # per image (COCO's standard is 100: APs of large images are then not comparable with
+            # standard APs).
+            "MAX_PER_IMAGE": 1000,
+            # Tiles predicted per model call.
+            "BATCH_SIZE": 1,
+            # Also predict the whole image resized to the test size (as without tiling) and take the
+            # large objects from it: an object larger than a tile is seen by the tiles only in
+            # parts.
+            "WHOLE_IMAGE_PASS": True,
+            # The whole-image pass's instances whose box's longer side is more than this (image
+            # pixels) are kept; the others are dropped (the tiles see them at a higher resolution).
+            # 0: the tile stride, tile side - OVERLAP (an object longer than the stride lies inside
+            # one tile only by chance; one longer than the tile side never).
+            "WHOLE_IMAGE_MIN_SIZE": 0,
+            # A tile's detection is dropped as a part or a copy of a kept whole-image instance when
+            # at least this fraction of the smaller of the two masks lies in both (intersection /
+            # smaller area, any class) and the detection is cut by its tile's edge (a part) or at
+            # least half the whole-image mask's area (a copy); a small object the tile sees whole
+            # stays.
+            "WHOLE_IMAGE_COVER": 0.5,
+        }
+    )
     return cfg
 
 

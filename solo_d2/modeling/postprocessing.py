@@ -111,35 +111,39 @@ def _decay(iou: torch.Tensor, comp: torch.Tensor, kernel: str, sigma: float) -> 
     raise ValueError(f"MODEL.SOLO.NMS_KERNEL must be 'gaussian' or 'linear', got {kernel!r}")
 
 
-def sparse_matrix_nms(
-    scores: torch.Tensor,
-    above: torch.Tensor,
-    below: torch.Tensor,
-    ious: torch.Tensor,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
-) -> torch.Tensor:
-    """:func:`matrix_nms` from the list of overlapping pairs instead of (K, K) masks: the same
-    decayed scores, in memory proportional to the number of pairs.
+def sparse_matrix_nms(scores: torch.Tensor, ious: torch.Tensor, kernel: str = "gaussian",
+                      sigma: float = 2.0) -> torch.Tensor:
+    """:func:`matrix_nms` from a sparse IoU matrix instead of (K, K) masks: the same decayed
+    scores, in memory proportional to the number of overlapping pairs.
 
     A pair of masks that do not intersect changes nothing in Matrix NMS (its factor
     ``decay(0, comp) >= 1`` never lowers the minimum, which is at most 1), so only the pairs
-    that do need to be given.
+    that do need an entry.
 
     Args:
         scores: (K,) float, descending.
-        above, below: (P,) int64 indices of the pairs, ``above < below`` (the higher-scored
-            mask first), of the same class (the caller decides which pairs decay each other).
-        ious: (P,) float IoU of each pair.
+        ious: (K, K) sparse COO float tensor; entry (i, j), ``i < j`` (the higher-scored mask
+            first), is the IoU of masks i and j, given once for each pair that decays each
+            other (the caller decides which: of the same class, say).
     Returns:
         (K,) float: the decayed scores.
     """
+    k = scores.shape[0]
+    if ious.layout != torch.sparse_coo or tuple(ious.shape) != (k, k):
+        raise ValueError(f"sparse_matrix_nms: ious must be a ({k}, {k}) sparse COO tensor (K = "
+                         f"len(scores)), got {ious.layout} of shape {tuple(ious.shape)}")
+    entries = ious.coalesce()
+    if entries._nnz() != ious._nnz():
+        raise ValueError("sparse_matrix_nms: ious gives a pair more than once")
+    above, below = entries.indices()
+    if bool((above >= below).any()):
+        raise ValueError("sparse_matrix_nms: every entry (i, j) of ious must have i < j (the "
+                         "higher-scored mask first)")
     with float32_region(scores.device):
         scores = scores.float()
-        ious = ious.float()
-        k = scores.shape[0]
-        comp = scores.new_zeros(k).scatter_reduce(0, below, ious, "amax", include_self=True)
-        factors = _decay(ious, comp[above], kernel, sigma)
+        values = entries.values().float()
+        comp = scores.new_zeros(k).scatter_reduce(0, below, values, "amax", include_self=True)
+        factors = _decay(values, comp[above], kernel, sigma)
         decay = scores.new_ones(k).scatter_reduce(0, below, factors, "amin", include_self=True)
         return scores * decay
 
