@@ -38,6 +38,22 @@ def tiny_cfg(head_type="SOLOHead", **overrides):
     return cfg
 
 
+def amp_trainer(dataset, output_dir, steps, precision=""):
+    """A Trainer of the tiny Decoupled SOLO config with SOLVER.AMP on (``precision``: its
+    SOLVER.AMP.PRECISION), 2 images a step for ``steps`` steps, and the list that will receive
+    the dtype of every output of the first mask-tower conv (5 levels a step) once it trains."""
+    from solo_d2.engine import Trainer
+
+    cfg = tiny_cfg("DecoupledSOLOHead", **{"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.PRECISION": precision,
+                                           "SOLVER.IMS_PER_BATCH": 2, "SOLVER.MAX_ITER": steps})
+    cfg.DATASETS.TRAIN = (dataset,)
+    cfg.OUTPUT_DIR = str(output_dir)
+    trainer = Trainer(cfg)
+    dtypes = []
+    trainer.model.head.mask_towers()[0][0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    return trainer, dtypes
+
+
 #: the environment entries that pin a subprocess to the CPU: no CUDA device visible, so configs
 #: saying ``MODEL.DEVICE cuda`` fall back to the CPU and distributed runs use gloo, on a CUDA
 #: machine as on a CPU one (only tests/test_cuda.py uses the GPU)

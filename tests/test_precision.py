@@ -8,9 +8,9 @@ import torch
 from detectron2.modeling import build_model
 
 import solo_d2.config as solo_config
-from helpers import REPO, finish, start, subprocess_env, tiny_cfg, train_net_cmd, write_dataset
+from helpers import REPO, amp_trainer, finish, start, subprocess_env, tiny_cfg, train_net_cmd, write_dataset
 from solo_d2.config import autocast_dtype, native_bfloat16
-from solo_d2.engine import CheckedCPUAutocastTrainer, CheckedSimpleTrainer, Trainer, amp_precision
+from solo_d2.engine import CheckedCPUAutocastTrainer, CheckedSimpleTrainer, amp_precision
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -134,40 +134,22 @@ def test_inference_dtype_auto_and_forced(monkeypatch, native):
         build_model(tiny_cfg(**{"MODEL.SOLO.INFERENCE_DTYPE": "half"}))
 
 
-def _training_dtypes(trainer, steps):
-    """Train ``steps`` iterations; the dtypes the first mask-tower conv produced."""
-    dtypes = []
-    trainer.model.head.mask_towers()[0][0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-    trainer.train()
-    return dtypes
-
-
 def test_amp_on_an_emulating_cpu_trains_in_float32(monkeypatch, tiny_dataset, tmp_path):
     _cpu(monkeypatch, bf16=False, capability="AVX2")  # an AVX2-only CPU
-    cfg = tiny_cfg("DecoupledSOLOHead")
-    cfg.SOLVER.AMP.ENABLED = True
-    cfg.DATASETS.TRAIN = (tiny_dataset,)
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.SOLVER.MAX_ITER = 2
-    cfg.OUTPUT_DIR = str(tmp_path)
-    trainer = Trainer(cfg)
+    trainer, dtypes = amp_trainer(tiny_dataset, tmp_path, steps=2)
     assert type(trainer._trainer) is CheckedSimpleTrainer
-    assert _training_dtypes(trainer, 2) == [torch.float32] * (2 * 5)  # 2 steps x 5 levels
+    trainer.train()
+    assert dtypes == [torch.float32] * (2 * 5)  # 2 steps x 5 levels
 
 
 def test_amp_on_a_native_bfloat16_cpu_trains_in_bfloat16(monkeypatch, tiny_dataset, tmp_path):
     # The decision only (the CPU is pretended): where bfloat16 is native, AMP's "" picks it.
     _cpu(monkeypatch, bf16=True)
-    cfg = tiny_cfg("DecoupledSOLOHead")
-    cfg.SOLVER.AMP.ENABLED = True
-    cfg.DATASETS.TRAIN = (tiny_dataset,)
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.SOLVER.MAX_ITER = 1
-    cfg.OUTPUT_DIR = str(tmp_path)
-    trainer = Trainer(cfg)
+    trainer, dtypes = amp_trainer(tiny_dataset, tmp_path, steps=1)
     assert isinstance(trainer._trainer, CheckedCPUAutocastTrainer)
     assert trainer._trainer.precision == torch.bfloat16
-    assert _training_dtypes(trainer, 1) == [torch.bfloat16] * 5
+    trainer.train()
+    assert dtypes == [torch.bfloat16] * 5
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_train_net, tiny_cfg, write_dataset
+from helpers import amp_trainer, run_train_net, tiny_cfg, write_dataset
 from solo_d2.engine import CheckedCPUAutocastTrainer, Trainer, add_full_model_gradient_clipping
 
 
@@ -105,17 +105,8 @@ def test_trainer_test_writes_the_coco_results(tiny_dataset, tmp_path):
 def test_amp_on_cpu_runs_the_forward_in_bfloat16_and_keeps_float32_weights(few_images, tmp_path):
     # bfloat16 forced (SOLVER.AMP.PRECISION), so that it runs whatever this CPU has; where the
     # CPU has no native bfloat16 "" would train in float32 (tests/test_precision.py).
-    cfg = tiny_cfg("DecoupledSOLOHead")
-    cfg.SOLVER.AMP.ENABLED = True
-    cfg.SOLVER.AMP.PRECISION = "bfloat16"
-    cfg.DATASETS.TRAIN = (few_images,)
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.SOLVER.MAX_ITER = 3
-    cfg.OUTPUT_DIR = str(tmp_path)
-    trainer = Trainer(cfg)
+    trainer, dtypes = amp_trainer(few_images, tmp_path, steps=3, precision="bfloat16")
     assert isinstance(trainer._trainer, CheckedCPUAutocastTrainer)
-    dtypes = []
-    trainer.model.head.mask_towers()[0][0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     assert dtypes == [torch.bfloat16] * (3 * 5)  # 3 steps x 5 levels
