@@ -231,26 +231,27 @@ def test_sparse_matrix_nms_equals_matrix_nms():
     i, j = i[sel], j[sel]
     for kernel in ("gaussian", "linear"):
         ious = torch.sparse_coo_tensor(torch.stack([i, j]), inter[i, j] / (area[i] + area[j] - inter[i, j]),
-                                       (25, 25))
+                                       (25, 25), check_invariants=True)
         sparse = sparse_matrix_nms(scores, ious, kernel)
         assert torch.allclose(sparse, matrix_nms(masks, labels, scores, kernel), atol=1e-6)
 
 
 def test_sparse_matrix_nms_refuses_malformed_ious():
+    def coo(pairs, ious, k=3):
+        return torch.sparse_coo_tensor(torch.tensor(pairs, dtype=torch.long).reshape(2, -1),
+                                       torch.tensor(ious), (k, k), check_invariants=True)
+
     scores = torch.tensor([0.9, 0.8, 0.7])
     with pytest.raises(ValueError, match=r"\(3, 3\) sparse COO"):
         sparse_matrix_nms(scores, torch.zeros(3, 3))
     with pytest.raises(ValueError, match=r"\(3, 3\) sparse COO"):
-        sparse_matrix_nms(scores, torch.sparse_coo_tensor(torch.tensor([[0], [1]]), torch.tensor([0.5]), (4, 4)))
-    twice = torch.sparse_coo_tensor(torch.tensor([[0, 0], [1, 1]]), torch.tensor([0.5, 0.5]), (3, 3))
+        sparse_matrix_nms(scores, coo([[0], [1]], [0.5], k=4))
     with pytest.raises(ValueError, match="more than once"):
-        sparse_matrix_nms(scores, twice)
-    below_first = torch.sparse_coo_tensor(torch.tensor([[2], [1]]), torch.tensor([0.5]), (3, 3))
+        sparse_matrix_nms(scores, coo([[0, 0], [1, 1]], [0.5, 0.5]))
     with pytest.raises(ValueError, match="i < j"):
-        sparse_matrix_nms(scores, below_first)
+        sparse_matrix_nms(scores, coo([[2], [1]], [0.5]))
     # no pairs: nothing decays
-    empty = torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (3, 3))
-    assert torch.equal(sparse_matrix_nms(scores, empty), scores)
+    assert torch.equal(sparse_matrix_nms(scores, coo([], [])), scores)
 
 
 def test_tile_config_errors_name_the_keys():

@@ -243,7 +243,7 @@ def whole_image_nms(masks: CroppedMasks, scores: np.ndarray, classes: np.ndarray
     ious = inter / np.maximum(areas[i] + areas[j] - inter, 1)
     pairs = torch.as_tensor(np.stack([i, j]), dtype=torch.int64).reshape(2, -1)
     sparse_ious = torch.sparse_coo_tensor(pairs, torch.as_tensor(ious, dtype=torch.float32),
-                                          (len(scores), len(scores)))
+                                          (len(scores), len(scores)), check_invariants=True)
     decayed = sparse_matrix_nms(torch.as_tensor(scores, dtype=torch.float32), sparse_ious,
                                 kernel=kernel, sigma=sigma)
     return decayed.numpy()
