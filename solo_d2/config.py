@@ -355,8 +355,8 @@ def add_solo_config(cfg):
             "MERGE_COVER": 0.8,
             # Also merge two tiles' detections of different classes (the object takes its
             # best-scored part's class): two tiles may name one object differently, which
-            # otherwise leaves it twice at the seam. False keeps both class hypotheses (which COCO AP rewards
-            # slightly), at the price of such duplicates.
+            # otherwise leaves it twice at the seam. False keeps both class hypotheses (which COCO
+            # AP rewards slightly), at the price of such duplicates.
             "MERGE_ACROSS_CLASSES": True,
             # Maximum number of instances of a tiled image (MODEL.SOLO.MAX_PER_IMAGE still applies
             # per tile). With ENABLED, the COCO evaluation counts up to max(100, this) detections
